@@ -1,0 +1,32 @@
+"""`load_model`: an HF checkpoint directory (or a converted Orbax directory) -> (model, params)."""
+
+from __future__ import annotations
+
+import os
+
+from .config import Idefics2Config
+from .model import Idefics2ForConditionalGeneration
+from .weights import load_hf_params, resolve_dtype
+
+
+def load_model(path, dtype=None, mesh=None, *, attention_impl: str | None = None):
+    """Load Idefics2 weights.
+
+    path: an HF checkpoint directory (config.json + model.safetensors or shards with an index).
+    dtype: None keeps the checkpoint's dtype; "float32" / "bfloat16" / "float16" or a numpy/jax dtype.
+    mesh: a `jax.sharding.Mesh` to place each parameter directly in its sharding (see `idefics2_jax.sharding`).
+    Returns (model, params) for `model.apply({"params": params}, ...)`.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: not a directory")
+    config = Idefics2Config.from_pretrained(path)
+    dtype = resolve_dtype(dtype)
+    shardings = None
+    if mesh is not None:
+        from .sharding import param_shardings
+
+        shardings = param_shardings(config, mesh)
+    params, dtype = load_hf_params(path, config, dtype, shardings=shardings)
+    model = Idefics2ForConditionalGeneration(config, dtype=dtype, attention_impl=attention_impl)
+    return model, params

@@ -1,0 +1,179 @@
+"""The composed model: vision tower -> connector -> merge at `<image>` positions -> Mistral decoder -> lm_head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import Idefics2Config
+from .connector import Connector
+from .attention import patch_mask
+from .text import TextModel
+from .vision import VisionTransformer
+
+Dtype = Any
+IGNORE_INDEX = -100
+
+
+@flax.struct.dataclass
+class Idefics2Output:
+    logits: jax.Array  # [batch, seq, vocab]
+    loss: jax.Array | None = None  # scalar, when labels are given
+    cache: dict | None = None  # the updated KV cache, when a cache was passed in
+
+
+def _is_concrete(*xs) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in xs if x is not None)
+
+
+def real_image_mask(pixel_values):
+    """[B, N, C, H, W] -> [B, N] bool: an image whose every value is 0.0 is padding (the reference's rule)."""
+    return jnp.any(pixel_values != 0, axis=(2, 3, 4))
+
+
+def image_token_counts(input_ids, image_token_id: int):
+    return jnp.sum(input_ids == image_token_id, axis=1)
+
+
+def check_image_tokens(input_ids, pixel_values, image_token_id: int, image_seq_len: int) -> None:
+    """Raise ValueError naming the first sample whose `<image>` tokens do not match its images.
+
+    The reference checks only the batch total, so a short sample silently shifts features into the next one.
+    """
+    ids = np.asarray(input_ids)
+    tokens = (ids == image_token_id).sum(axis=1)
+    if pixel_values is None:
+        images = np.zeros(ids.shape[0], np.int64)
+    else:
+        images = np.any(np.asarray(pixel_values) != 0, axis=(2, 3, 4)).sum(axis=1)
+    for b, (t, n) in enumerate(zip(tokens, images)):
+        if t != n * image_seq_len:
+            raise ValueError(
+                f"sample {b}: {t} <image> tokens in input_ids but {n} image(s) in pixel_values, which need "
+                f"{n * image_seq_len} (= {n} x {image_seq_len}); build inputs with Idefics2Processor")
+
+
+def merge_image_features(embeds, input_ids, features, real, image_token_id: int):
+    """Place each sample's own image features at its `<image>` positions (static shapes, no cross-sample shift).
+
+    embeds [B, T, D]; features [B, N, L, D] for N image slots of L tokens; real [B, N] marks non-padding slots.
+    The k-th `<image>` token of sample b takes token k % L of the (k // L)-th *real* image of sample b.
+    Returns (merged embeds, ok [B]) where ok is False for a sample whose token count does not match its images.
+    """
+    b, n, length, d = features.shape
+    is_img = input_ids == image_token_id
+    # Real images first, in their original order (padding slots may sit anywhere in the reference's rule).
+    order = jnp.argsort(~real, axis=1, stable=True)
+    features = jnp.take_along_axis(features, order[:, :, None, None], axis=1).reshape(b, n * length, d)
+    idx = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, max(n * length - 1, 0))
+    gathered = jnp.take_along_axis(features, idx[:, :, None], axis=1).astype(embeds.dtype)
+    ok = jnp.sum(is_img, axis=1) == jnp.sum(real, axis=1) * length
+    return jnp.where(is_img[:, :, None], gathered, embeds), ok
+
+
+def causal_lm_loss(logits, labels):
+    """transformers' ForCausalLMLoss: shift by one, ignore -100, mean over the rest (NaN if nothing is left)."""
+    logits = logits[:, :-1].astype(jnp.float32)
+    labels = labels[:, 1:]
+    valid = labels != IGNORE_INDEX
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.sum(valid)
+
+
+class Idefics2ForConditionalGeneration(nn.Module):
+    """Idefics2 with a language-modelling head; `apply` takes the HF processor's layout.
+
+    dtype: compute (and parameter) dtype; norms and softmax run in float32 as in the reference.
+    attention_impl: passed to `jax.nn.dot_product_attention` (None = XLA; "cudnn" on GPU).
+    """
+
+    config: Idefics2Config
+    dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+
+    def setup(self):
+        cfg = self.config
+        self.vision_model = VisionTransformer(cfg.vision_config, self.dtype, self.attention_impl)
+        self.connector = Connector(cfg, self.dtype, self.attention_impl)
+        self.text_model = TextModel(cfg.text_config, self.dtype, self.attention_impl)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Dense(cfg.text_config.vocab_size, use_bias=False, dtype=self.dtype,
+                                    param_dtype=self.dtype)
+
+    def encode_images(self, pixel_values, pixel_attention_mask=None):
+        """pixel_values [B, N, C, H, W], pixel_attention_mask [B, N, H, W] -> image tokens [B, N, n_latents, D].
+
+        Every slot is computed (padding slots too, then ignored by the merge): static shapes for jit.
+        """
+        b, n, c, h, w = pixel_values.shape
+        pixels = jnp.asarray(pixel_values).reshape(b * n, c, h, w).astype(self.dtype).transpose(0, 2, 3, 1)
+        if pixel_attention_mask is None:
+            pixel_attention_mask = jnp.ones((b * n, h, w), bool)
+        pmask = jnp.asarray(pixel_attention_mask).reshape(b * n, h, w)
+        patch_valid = patch_mask(pmask, self.config.vision_config.patch_size)
+        features = self.vision_model(pixels, patch_valid)
+        tokens = self.connector(features, patch_valid.reshape(b * n, -1))
+        return tokens.reshape(b, n, *tokens.shape[1:])
+
+    def logits(self, hidden):
+        if self.config.tie_word_embeddings:
+            return self.text_model.embed_tokens.attend(hidden)
+        return self.lm_head(hidden)
+
+    def __call__(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, labels=None,
+                 *, position_ids=None, cache=None, cache_index=0):
+        """Forward pass.
+
+        input_ids [B, T] int; attention_mask [B, T] (1 = token, 0 = padding; default all ones);
+        pixel_values [B, N, 3, H, W] float; pixel_attention_mask [B, N, H, W] int/bool; labels [B, T] (-100 ignored).
+        position_ids [B, T]: RoPE positions (default `cache_index + arange(T)`, as the reference's forward).
+        cache / cache_index: a KV cache from `text.init_cache` and the cache position of input_ids[:, 0]
+        (used by `generate`); the updated cache is returned in `out.cache`.
+        """
+        cfg = self.config
+        input_ids = jnp.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+        b, t = input_ids.shape
+        if pixel_values is not None and np.ndim(pixel_values) != 5:
+            raise ValueError(
+                f"pixel_values must be [batch, num_images, channels, height, width] (the processor's layout), "
+                f"got shape {np.shape(pixel_values)}")
+        if pixel_values is not None and np.shape(pixel_values)[0] != b:
+            raise ValueError(f"pixel_values has batch {np.shape(pixel_values)[0]} but input_ids has batch {b}")
+        if pixel_attention_mask is not None and pixel_values is not None:
+            expect = tuple(np.shape(pixel_values)[:2]) + tuple(np.shape(pixel_values)[3:])
+            if tuple(np.shape(pixel_attention_mask)) != expect:
+                raise ValueError(f"pixel_attention_mask must have shape {expect} for pixel_values of shape "
+                                 f"{np.shape(pixel_values)}, got {np.shape(pixel_attention_mask)}")
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), bool)
+        token_valid = jnp.asarray(attention_mask).astype(bool)
+        if token_valid.shape != (b, t):
+            raise ValueError(f"attention_mask must have shape {(b, t)}, got {token_valid.shape}")
+        if _is_concrete(input_ids, pixel_values) and (pixel_values is not None or cache is None):
+            check_image_tokens(input_ids, pixel_values, cfg.image_token_id, cfg.image_seq_len)
+
+        x = self.text_model.embed(input_ids)
+        ok = None
+        if pixel_values is not None:
+            pixel_values = jnp.asarray(pixel_values)
+            features = self.encode_images(pixel_values, pixel_attention_mask)
+            x, ok = merge_image_features(x, input_ids, features, real_image_mask(pixel_values), cfg.image_token_id)
+
+        cache_positions = cache_index + jnp.arange(t, dtype=jnp.int32)
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(cache_positions, (b, t))
+        hidden, new_cache = self.text_model(x, jnp.asarray(position_ids), token_valid, cache_positions, cache)
+        logits = self.logits(hidden)
+        if ok is not None:
+            # Under jit the ValueError above cannot fire: a mismatched sample gets NaN logits, never a wrong answer.
+            logits = jnp.where(ok[:, None, None], logits, jnp.nan)
+        loss = None if labels is None else causal_lm_loss(logits, jnp.asarray(labels))
+        return Idefics2Output(logits=logits, loss=loss, cache=new_cache)
