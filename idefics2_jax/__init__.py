@@ -1,8 +1,11 @@
 """idefics2-jax: Idefics2 (SigLIP/NaViT vision tower, Perceiver resampler, Mistral-7B decoder) in JAX/Flax."""
 
 from .config import Idefics2Config, PerceiverConfig, TextConfig, VisionConfig
+from .image_processing import Idefics2ImageProcessor
 from .loading import load_model
 from .model import Idefics2ForConditionalGeneration, Idefics2Output
+from .processing import Idefics2Processor
+from .tokenizer import Idefics2Tokenizer
 
 __all__ = [
     "Idefics2Config",
@@ -12,4 +15,7 @@ __all__ = [
     "Idefics2ForConditionalGeneration",
     "Idefics2Output",
     "load_model",
+    "Idefics2ImageProcessor",
+    "Idefics2Processor",
+    "Idefics2Tokenizer",
 ]
