@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from .attention import dot_product_attention, key_padding_mask
 from .config import Idefics2Config, PerceiverConfig
 from .layers import GatedMLP, RMSNorm, dense
+from .sharding import constrain
 
 Dtype = Any
 
@@ -68,6 +69,7 @@ class PerceiverResampler(nn.Module):
         valid = jnp.concatenate([valid, jnp.ones((valid.shape[0], cfg.resampler_n_latents), bool)], axis=1)
         for i in range(cfg.resampler_depth):
             latents = PerceiverLayer(cfg, self.dtype, self.attention_impl, name=f"layers_{i}")(latents, context, valid)
+            latents = constrain(latents, ("batch", "length", "act_embed"))
         return RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(latents)
 
 
@@ -81,6 +83,8 @@ class Connector(nn.Module):
     @nn.compact
     def __call__(self, features, valid):
         text = self.config.text_config
+        # The connector is tensor-parallel like the decoder: its image axis is split like the text batch.
+        features = constrain(features, ("batch", "patches", "act_embed"))
         x = GatedMLP(text.intermediate_size, text.hidden_size, text.hidden_act, self.dtype,
                      name="modality_projection")(features)
         return PerceiverResampler(self.config.perceiver_config, self.dtype, self.attention_impl,

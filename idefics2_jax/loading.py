@@ -9,12 +9,14 @@ from .model import Idefics2ForConditionalGeneration
 from .weights import load_hf_params, resolve_dtype
 
 
-def load_model(path, dtype=None, mesh=None, *, attention_impl: str | None = None):
+def load_model(path, dtype=None, mesh=None, *, attention_impl: str | None = None, rules=None):
     """Load Idefics2 weights.
 
-    path: an HF checkpoint directory (config.json + model.safetensors or shards with an index).
+    path: an HF checkpoint directory (config.json + model.safetensors or shards with an index), or a directory
+        written by `python -m convert --from hf` (Orbax params, restored straight into `dtype` and the shardings).
     dtype: None keeps the checkpoint's dtype; "float32" / "bfloat16" / "float16" or a numpy/jax dtype.
     mesh: a `jax.sharding.Mesh` to place each parameter directly in its sharding (see `idefics2_jax.sharding`).
+    rules: the logical-axis rules table for `mesh` (default `sharding.DEFAULT_RULES`).
     Returns (model, params) for `model.apply({"params": params}, ...)`.
     """
     path = os.fspath(path)
@@ -26,7 +28,12 @@ def load_model(path, dtype=None, mesh=None, *, attention_impl: str | None = None
     if mesh is not None:
         from .sharding import param_shardings
 
-        shardings = param_shardings(config, mesh)
-    params, dtype = load_hf_params(path, config, dtype, shardings=shardings)
+        shardings = param_shardings(config, mesh, rules)
+    from .checkpoint import is_orbax_dir, restore_params
+
+    if is_orbax_dir(path):
+        params, dtype = restore_params(path, config, dtype, shardings=shardings)
+    else:
+        params, dtype = load_hf_params(path, config, dtype, shardings=shardings)
     model = Idefics2ForConditionalGeneration(config, dtype=dtype, attention_impl=attention_impl)
     return model, params

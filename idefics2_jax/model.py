@@ -13,6 +13,7 @@ import numpy as np
 from .config import Idefics2Config
 from .connector import Connector
 from .attention import patch_mask
+from .sharding import HIDDEN_AXES, LOGITS_AXES, constrain
 from .text import TextModel
 from .vision import VisionTransformer
 
@@ -116,6 +117,9 @@ class Idefics2ForConditionalGeneration(nn.Module):
         if pixel_attention_mask is None:
             pixel_attention_mask = jnp.ones((b * n, h, w), bool)
         pmask = jnp.asarray(pixel_attention_mask).reshape(b * n, h, w)
+        # The vision tower is data-parallel over images (each image's patches stay on one device).
+        pixels = constrain(pixels, ("images", None, None, None))
+        pmask = constrain(pmask, ("images", None, None))
         patch_valid = patch_mask(pmask, self.config.vision_config.patch_size)
         features = self.vision_model(pixels, patch_valid)
         tokens = self.connector(features, patch_valid.reshape(b * n, -1))
@@ -127,7 +131,7 @@ class Idefics2ForConditionalGeneration(nn.Module):
         return self.lm_head(hidden)
 
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, labels=None,
-                 *, position_ids=None, cache=None, cache_index=0):
+                 *, position_ids=None, cache=None, cache_index=0, logits_to_keep: int | None = None):
         """Forward pass.
 
         input_ids [B, T] int; attention_mask [B, T] (1 = token, 0 = padding; default all ones);
@@ -135,6 +139,7 @@ class Idefics2ForConditionalGeneration(nn.Module):
         position_ids [B, T]: RoPE positions (default `cache_index + arange(T)`, as the reference's forward).
         cache / cache_index: a KV cache from `text.init_cache` and the cache position of input_ids[:, 0]
         (used by `generate`); the updated cache is returned in `out.cache`.
+        logits_to_keep: compute logits for the last N positions only (generate's prefill needs 1); not with labels.
         """
         cfg = self.config
         input_ids = jnp.asarray(input_ids)
@@ -166,12 +171,17 @@ class Idefics2ForConditionalGeneration(nn.Module):
             pixel_values = jnp.asarray(pixel_values)
             features = self.encode_images(pixel_values, pixel_attention_mask)
             x, ok = merge_image_features(x, input_ids, features, real_image_mask(pixel_values), cfg.image_token_id)
+        x = constrain(x, HIDDEN_AXES)
 
         cache_positions = cache_index + jnp.arange(t, dtype=jnp.int32)
         if position_ids is None:
             position_ids = jnp.broadcast_to(cache_positions, (b, t))
         hidden, new_cache = self.text_model(x, jnp.asarray(position_ids), token_valid, cache_positions, cache)
-        logits = self.logits(hidden)
+        if logits_to_keep is not None:
+            if labels is not None:
+                raise ValueError("logits_to_keep cannot be combined with labels (the loss needs every position)")
+            hidden = hidden[:, -logits_to_keep:]
+        logits = constrain(self.logits(hidden), LOGITS_AXES)
         if ok is not None:
             # Under jit the ValueError above cannot fire: a mismatched sample gets NaN logits, never a wrong answer.
             logits = jnp.where(ok[:, None, None], logits, jnp.nan)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from .attention import dot_product_attention, sliding_window_mask
 from .config import TextConfig
 from .layers import GatedMLP, RMSNorm, dense
+from .sharding import HIDDEN_AXES, constrain, constrain_cache
 
 Dtype = Any
 
@@ -77,6 +78,9 @@ class MistralAttention(nn.Module):
         q = rope(q.reshape(b, t, cfg.num_attention_heads, cfg.head_dim), positions, cfg.rope_theta)
         k = rope(k.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim), positions, cfg.rope_theta)
         v = v.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+        k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
         new_cache = None
         keys, values = k, v
         if layer_cache is not None:
@@ -139,8 +143,9 @@ class TextModel(nn.Module):
         new_layers = []
         for i, layer in enumerate(self.layers):
             x, layer_cache = layer(x, positions, mask, None if cache is None else cache["layers"][i], slots)
+            x = constrain(x, HIDDEN_AXES)
             new_layers.append(layer_cache)
         x = self.norm(x)
         if cache is None:
             return x, None
-        return x, {**update_cache_meta(cache, cache_positions, token_valid), "layers": new_layers}
+        return x, constrain_cache({**update_cache_meta(cache, cache_positions, token_valid), "layers": new_layers})

@@ -11,6 +11,7 @@ import numpy as np
 from .attention import dot_product_attention, key_padding_mask
 from .config import VisionConfig
 from .layers import activation, dense
+from .sharding import constrain
 
 Dtype = Any
 
@@ -141,6 +142,7 @@ class Encoder(nn.Module):
     def __call__(self, x, valid):
         for i in range(self.config.num_hidden_layers):
             x = EncoderLayer(self.config, self.dtype, self.attention_impl, name=f"layers_{i}")(x, valid)
+            x = constrain(x, ("images", "patches", "act_embed"))
         return x
 
 

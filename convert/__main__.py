@@ -1,0 +1,151 @@
+"""`python -m convert`: checkpoint conversion CLI (see --help)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+DESCRIPTION = """\
+Convert an Idefics2 checkpoint between formats.
+
+  python -m convert --from hf SRC DST [--dtype float32|bfloat16|float16] [--overwrite] [--quiet]
+
+--from hf: SRC is a local Hugging Face directory (config.json plus model.safetensors, or shards with
+model.safetensors.index.json). DST becomes a self-contained directory: the weights as an Orbax checkpoint in
+Flax layout (DST/params), config.json, generation_config.json, the tokenizer and the processor / preprocessor
+configs (chat template included) copied from SRC. Load it with idefics2_jax.load_model(DST, dtype=, mesh=) and
+Idefics2Processor.from_pretrained(DST).
+
+Tensors are read one at a time and written in slabs of at most 32 MiB, cast to --dtype on the way, so memory
+stays around half a GiB whatever the size of the model. The output is written to a temporary directory beside DST
+and renamed at the end: if the conversion fails or is interrupted (Ctrl-C, SIGTERM) the temporary directory is
+removed and DST is as it was (absent, or the previous one with --overwrite). A run killed with SIGKILL leaves its
+temporary directory, which the next conversion to the same DST removes.
+
+Exit status: 0 success, 1 bad input or destination (one line on stderr naming the file or tensor),
+130 / 143 interrupted by SIGINT / SIGTERM.
+"""
+
+
+class _Interrupted(BaseException):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m convert", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--from", dest="source_format", required=True, choices=["hf"],
+                   help="format of SRC: 'hf' = Hugging Face safetensors directory")
+    p.add_argument("--to", dest="target_format", default="orbax", choices=["orbax"],
+                   help="format of DST (default: orbax, the self-contained idefics2-jax directory)")
+    p.add_argument("src", metavar="SRC", help="source checkpoint directory")
+    p.add_argument("dst", metavar="DST", help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="dtype to store the params in (default: the source's dtype)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists (only once the new one is "
+                                                            "complete)")
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="no progress on stderr (the one-line summary is still printed on stdout)")
+    return p
+
+
+class Progress:
+    """Tensor and byte counts on stderr: one updating line on a terminal, a line every few seconds otherwise."""
+
+    def __init__(self, total_tensors: int, total_bytes: int, stream=sys.stderr, interval: float | None = None):
+        self.total_tensors, self.total_bytes, self.stream = total_tensors, total_bytes, stream
+        self.tty = stream.isatty()
+        self.interval = interval if interval is not None else (0.2 if self.tty else 5.0)
+        self.tensors = self.bytes = 0
+        self.start = self.last = time.monotonic()
+        self.lock = threading.Lock()
+
+    def __call__(self, leaf) -> None:
+        with self.lock:
+            self.tensors += 1
+            self.bytes += leaf.source_nbytes or leaf.nbytes
+            now = time.monotonic()
+            if now - self.last >= self.interval or self.tensors == self.total_tensors:
+                self.last = now
+                self._print(leaf.name)
+
+    def _print(self, name: str) -> None:
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        line = (f"[{self.tensors}/{self.total_tensors} tensors] {self.bytes / 1e9:.2f}/{self.total_bytes / 1e9:.2f} GB"
+                f" ({self.bytes / 1e6 / elapsed:.0f} MB/s) {name}")
+        if self.tty:
+            self.stream.write("\r\x1b[2K" + line + ("\n" if self.tensors == self.total_tensors else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+@contextlib.contextmanager
+def _signals_raise():
+    """SIGINT and SIGTERM (a scheduler, `timeout`, a notebook's stop button) raise `_Interrupted` in the main
+    thread, so both take the same cleanup path; the previous handlers are restored afterwards."""
+
+    def on_signal(signum, frame):
+        raise _Interrupted(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    # Orbax logs through absl / `logging`, including a traceback per writer thread when a save is cancelled; a
+    # failure that matters reaches the main thread as an exception anyway, so the CLI shows only its own lines.
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    with _signals_raise():
+        return _run(args)
+
+
+def _run(args) -> int:
+    from .hf_to_orbax import ConversionError, convert_hf_to_orbax, plan_conversion
+
+    try:
+        plan = plan_conversion(args.src, args.dtype)
+        progress = None
+        if not args.quiet:
+            progress = Progress(len(plan.leaves), plan.source_bytes)
+            print(f"converting {plan.src} ({len(plan.leaves)} tensors, {plan.source_bytes / 1e9:.2f} GB "
+                  f"{plan.source_dtype.name}) -> {os.path.abspath(args.dst)} as {plan.dtype.name}",
+                  file=sys.stderr, flush=True)
+        summary = convert_hf_to_orbax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
+                                      on_leaf=progress, plan=plan)
+    except ConversionError as e:
+        print(f"convert: error: {e}", file=sys.stderr)
+        return 1
+    except _Interrupted as e:
+        print(f"\nconvert: interrupted by {e}; the partial output was removed", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print("\nconvert: interrupted; the partial output was removed", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except OSError as e:
+        if e.errno is not None and e.filename is not None:  # disk full, permissions: the environment, not a bug
+            print(f"convert: error: {e.filename}: {e.strerror}", file=sys.stderr)
+            return 1
+        raise
+    print(summary.line(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""A safetensors reader for conversion: validates every file up front, then reads one tensor at a time with `pread`.
+
+Why not the memory-mapped `safetensors.safe_open` (what `idefics2_jax.weights.SafetensorsReader` uses)? Pages of a
+mapping that have been touched stay in the process's resident set until the file is closed, so streaming through a
+33.6 GB checkpoint that way still ends with tens of GB of RSS, which is what gets a Colab or TPU-VM process killed.
+Reading with `os.preadinto`-style calls into a fresh buffer keeps the resident set at one tensor; the page cache
+holds the file, not the process, and is told to drop what has been read.
+
+The format (https://github.com/huggingface/safetensors): an 8-byte little-endian header length N, N bytes of JSON
+`{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`, then the data; offsets are
+relative to the end of the header.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import struct
+
+import ml_dtypes
+import numpy as np
+
+from idefics2_jax.weights import safetensors_files
+
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+
+_DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+
+
+class SafetensorsFormatError(ValueError):
+    """A safetensors file or index that is missing, truncated, corrupt or inconsistent (a user error)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    file: str
+    dtype: str  # safetensors name: "F32", "BF16", ...
+    shape: tuple
+    begin: int  # absolute byte offset in `file`
+    nbytes: int
+
+
+def read_header(file: str) -> dict[str, TensorInfo]:
+    """Parse and validate one file's header against its size; raise SafetensorsFormatError naming the file."""
+    try:
+        size = os.path.getsize(file)
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise SafetensorsFormatError(f"{file}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise SafetensorsFormatError(
+                    f"{file}: corrupt or truncated safetensors file (header length {n}, file size {size})")
+            raw = f.read(n)
+    except OSError as e:
+        raise SafetensorsFormatError(f"{file}: cannot be read ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SafetensorsFormatError(f"{file}: corrupt safetensors header ({e})") from None
+    data_start, data_len = 8 + n, size - 8 - n
+    out, end_max = {}, 0
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = meta["dtype"], tuple(int(d) for d in meta["shape"]), meta["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise SafetensorsFormatError(f"{file}: corrupt safetensors header entry for {key!r}") from None
+        if dtype not in _DTYPES:
+            raise SafetensorsFormatError(f"{file}: tensor {key!r} has unsupported dtype {dtype!r}")
+        nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
+        if not (0 <= begin <= end) or end - begin != nbytes:
+            raise SafetensorsFormatError(f"{file}: corrupt safetensors header (offsets of {key!r} do not match "
+                                         f"its shape {shape} and dtype {dtype})")
+        if end > data_len:
+            raise SafetensorsFormatError(f"{file}: truncated: tensor {key!r} ends at byte {data_start + end}, "
+                                         f"the file has {size} bytes")
+        end_max = max(end_max, end)
+        out[key] = TensorInfo(file, dtype, shape, data_start + begin, nbytes)
+    if end_max != data_len:
+        raise SafetensorsFormatError(f"{file}: corrupt safetensors file ({data_len - end_max} bytes after the "
+                                     "last tensor)")
+    return out
+
+
+class StreamingReader:
+    """All tensors of an HF checkpoint directory (single file or index + shards), read one at a time.
+
+    Same query interface as `idefics2_jax.weights.SafetensorsReader` (`keys`, `shape`, `dtype`), so `check_keys`
+    and `checkpoint_dtype` work on it; `read` returns a fresh, writable array owned by the caller.
+    """
+
+    def __init__(self, path: str):
+        try:
+            self.files = safetensors_files(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise SafetensorsFormatError(str(e)) from None
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in self.files:
+            for key, info in read_header(file).items():
+                if key in self.tensors:
+                    raise SafetensorsFormatError(f"{file}: tensor {key!r} is also in {self.tensors[key].file}")
+                self.tensors[key] = info
+        self._check_index(path)
+
+    def _check_index(self, path: str) -> None:
+        index = os.path.join(path, "model.safetensors.index.json")
+        if not os.path.exists(index):
+            return
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]  # already validated by safetensors_files
+        for key, name in weight_map.items():
+            info = self.tensors.get(key)
+            if info is None or os.path.basename(info.file) != os.path.basename(name):
+                raise SafetensorsFormatError(f"{os.path.join(path, name)}: does not hold tensor {key!r} that "
+                                             "model.safetensors.index.json places there")
+        for key, info in self.tensors.items():
+            if key not in weight_map:
+                raise SafetensorsFormatError(f"{info.file}: tensor {key!r} is not listed in "
+                                             "model.safetensors.index.json")
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def shape(self, key: str) -> tuple:
+        return self.tensors[key].shape
+
+    def dtype(self, key: str) -> str:
+        return self.tensors[key].dtype
+
+    def nbytes(self, key: str) -> int:
+        return self.tensors[key].nbytes
+
+    def read(self, key: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        """The tensor, or its rows [start, stop) along axis 0: one contiguous byte range of the file."""
+        info = self.tensors[key]
+        dtype = _DTYPES[info.dtype]
+        shape, offset, nbytes = info.shape, info.begin, info.nbytes
+        if shape and (start is not None or stop is not None):
+            start, stop = start or 0, shape[0] if stop is None else stop
+            row = math.prod(shape[1:]) * dtype.itemsize
+            shape, offset, nbytes = (stop - start,) + shape[1:], info.begin + start * row, (stop - start) * row
+        out = np.empty(shape, dtype)
+        buf = memoryview(out.reshape(-1).view(np.uint8))
+        fd = os.open(info.file, os.O_RDONLY)
+        try:
+            done = 0
+            while done < nbytes:
+                n = os.preadv(fd, [buf[done:]], offset + done)
+                if n == 0:
+                    raise SafetensorsFormatError(f"{info.file}: truncated while reading tensor {key!r}")
+                done += n
+            # The bytes are ours now; let the kernel drop them from the page cache rather than evict other work.
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        return out
