@@ -4,6 +4,16 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+# jax.nn.dot_product_attention's fill for masked logits: finite, so a fully masked row averages instead of NaN.
+MASKED_LOGIT = -0.7 * float(np.finfo(np.float32).max)
+# Queries are processed in blocks of Q_BLOCK when the whole [batch, heads, q_len, kv_len] float32 logits would exceed
+# BLOCKED_LOGITS_BYTES (the vision tower: up to 4900 x 4900 per image and head). Same math, bounded memory, and
+# faster on CPU, where a block's logits stay in cache (`python benchmarks/bench_attention.py`:
+# 1296 patches x 3 heads 1.5x faster blocked, 4900 patches 2.7x; below ~16 MB the single pass wins).
+Q_BLOCK = 256
+BLOCKED_LOGITS_BYTES = 16 << 20
 
 
 def dot_product_attention(q, k, v, mask=None, *, scale: float, implementation: str | None = None):
@@ -12,18 +22,70 @@ def dot_product_attention(q, k, v, mask=None, *, scale: float, implementation: s
     Args:
       q: [batch, q_len, num_heads, head_dim]
       k, v: [batch, kv_len, num_kv_heads, head_dim]; num_heads % num_kv_heads == 0. Query head n reads KV head
-        n // (num_heads // num_kv_heads), as the reference's `repeat_kv` (no repeated K/V is materialised).
+        n // (num_heads // num_kv_heads), as the reference's `repeat_kv` (no repeated K/V is materialised: query
+        heads are grouped per KV head).
       mask: bool, broadcastable to [batch, q_len, kv_len]; True = may attend.
       scale: logit scale (head_dim ** -0.5 everywhere in Idefics2).
-      implementation: None / "xla" / "cudnn", passed to `jax.nn.dot_product_attention`.
+      implementation: None / "xla": jax.nn's XLA attention, query-blocked for long sequences, and a fused
+        multiply-reduce for a single query (a decode step); anything else ("cudnn") goes straight to
+        `jax.nn.dot_product_attention`.
 
     Returns: [batch, q_len, num_heads, head_dim]. Logits and softmax are computed in float32 as the reference.
     A query row whose keys are all masked gets a finite average (never NaN); only padding rows can be like that.
     """
+    b, t, n, h = q.shape
+    s = k.shape[1]
     if mask is not None:
         mask = jnp.asarray(mask, bool)
+        mask = mask.reshape((1,) * (3 - mask.ndim) + mask.shape)
+    if implementation not in (None, "xla"):
+        if mask is not None:
+            mask = jnp.broadcast_to(mask, (b, t, s))[:, None, :, :]
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
+    if t == 1:
+        return _single_query_attention(q, k, v, mask, scale)
+    if t > Q_BLOCK and b * n * t * s * 4 > BLOCKED_LOGITS_BYTES:
+        return _blocked_attention(q, k, v, mask, scale)
+    return _attention(q, k, v, mask, scale)
+
+
+def _attention(q, k, v, mask, scale):
+    """q [B, T, N, H], k / v [B, S, K, H], mask [B|1, T|1, S] or None: jax.nn's XLA path (grouped heads, float32
+    logits and softmax)."""
+    if mask is not None:
         mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[1], k.shape[1]))[:, None, :, :]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
+
+
+def _blocked_attention(q, k, v, mask, scale):
+    """`_attention` over blocks of Q_BLOCK queries (a `lax.map`): each block sees every key, so the softmax is exact
+    and only one block's logits exist at a time."""
+    b, t, n, h = q.shape
+    blocks = -(-t // Q_BLOCK)
+    pad = blocks * Q_BLOCK - t
+    qb = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, blocks, Q_BLOCK, n, h).swapaxes(0, 1)
+    if mask is None or mask.shape[1] == 1:
+        out = jax.lax.map(lambda qi: _attention(qi, k, v, mask, scale), qb)
+    else:
+        mb = jnp.broadcast_to(mask, (mask.shape[0], t, mask.shape[2]))
+        mb = jnp.pad(mb, ((0, 0), (0, pad), (0, 0)), constant_values=True)
+        mb = mb.reshape(mb.shape[0], blocks, Q_BLOCK, mb.shape[2]).swapaxes(0, 1)
+        out = jax.lax.map(lambda a: _attention(a[0], k, v, a[1], scale), (qb, mb))
+    return out.swapaxes(0, 1).reshape(b, blocks * Q_BLOCK, n, h)[:, :t]
+
+
+def _single_query_attention(q, k, v, mask, scale):
+    """One query per sequence (a decode step): logits and output as fused multiply-reduce loops that read the
+    KV cache once in its stored [B, S, K, H] layout (a dot would first copy it into a batch-major layout)."""
+    b, _, n, h = q.shape
+    kv_heads = k.shape[2]
+    qg = q.reshape(b, 1, kv_heads, n // kv_heads, h).astype(jnp.float32)  # [B, 1, K, G, H]
+    logits = jnp.sum(qg * k.astype(jnp.float32)[:, :, :, None, :], axis=-1) * jnp.float32(scale)  # [B, S, K, G]
+    if mask is not None:
+        logits = jnp.where(mask[:, 0, :, None, None], logits, MASKED_LOGIT)
+    probs = jax.nn.softmax(logits, axis=1).astype(v.dtype)
+    out = jnp.sum(probs[..., None].astype(jnp.float32) * v.astype(jnp.float32)[:, :, :, None, :], axis=1)
+    return out.astype(v.dtype).reshape(b, 1, n, h)
 
 
 def key_padding_mask(valid):

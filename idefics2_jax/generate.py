@@ -18,13 +18,16 @@ same stream): token t of row r uses fold_in(fold_in(key(seed), r), t), so a row'
 it was bucketed into.
 
 Bucketing (so a stream of varied requests compiles a small, bounded set of programs): batch, prompt length, image
-slots, image height/width (in patches) and new-token budget are rounded up on the ladder 1, 2, 3, 4, 6, 8, 12, 16,
-24, ... (powers of two and 1.5x steps: at most 50% padding). Extra prompt length is left padding with attention 0:
-RoPE positions do not change, and the sliding-window mask depends only on differences of cache positions (a uniform
-shift changes nothing), so bucketed results equal unbucketed ones even when the ring wraps. Extra rows are dummies
-(finished from the start, discarded); extra image slots are all-zero images, which the model ignores; extra pixels
-carry pixel_attention_mask 0, so they only add invalid patches. Programs are keyed by
-  prefill: (batch, prompt, image slots, image height, image width, cache slots, options)
+slots and new-token budget are rounded up on the ladder 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5x
+steps: at most 50% padding). Extra prompt length is left padding with attention 0: RoPE positions do not change,
+and the sliding-window mask depends only on differences of cache positions (a uniform shift changes nothing), so
+bucketed results equal unbucketed ones even when the ring wraps. Extra rows are dummies (finished from the start,
+discarded); extra image slots are padding (image_mask False). Images are not run at the batch's padded size: each
+real image is cut to its own valid patches, its sides rounded up in whole patches (`patch_bucket`: the ladder up to
+16, then steps of PATCH_STEP), and same-sized images form one group for the vision tower (`image_groups`); the
+group size is bucketed too, and extra pixels carry pixel_attention_mask 0, so they only add invalid patches.
+Programs are keyed by
+  prefill: (batch, prompt, image slots, image groups (count, height, width), cache slots, options)
   decode:  (batch, new-token budget, cache slots, options)
 where cache slots = min(W, bucket(prompt + new)); `options` are the static switches (sampling, top-k/top-p,
 repetition penalty, bad words, eos/pad ids). The numeric values of temperature / top_k / top_p / penalty / seed /
@@ -59,6 +62,7 @@ STREAM_INTERVAL_S = 0.05
 MAX_STREAM_EVERY = 256
 MIN_PROMPT_BUCKET = 16
 MIN_NEW_BUCKET = 16
+PATCH_STEP = 4  # image sides above 16 patches are padded to a multiple of this many patches
 COMPILATION_CACHE_ENV = "IDEFICS2_JAX_COMPILATION_CACHE"
 
 
@@ -200,13 +204,67 @@ def bucket(n: int, minimum: int = 1) -> int:
 
 
 def patch_bucket(pixels: int, patch: int, grid: int) -> int:
-    """Padded image side in pixels: the side in (ceil) patches rounded up on the ladder, but never past the model's
-    position grid when the image fits in it."""
-    n = -(-int(pixels) // patch)
-    b = bucket(n)
+    """Padded (or cropped) image side in pixels for a side of `pixels`.
+
+    Only whole patches count (the patch conv is a valid conv; a patch is valid iff all its pixels are), so the side
+    is first cut to floor(pixels / patch) patches: the cut pixels never reach the model in the reference either.
+    That count is rounded up on the ladder 1, 2, 3, 4, 6, 8, 12, 16, then in steps of PATCH_STEP patches (vision
+    attention is quadratic in patches: a 512-px side is 36 patches, which the coarse ladder would pad to 48, 1.8x
+    the patches and 3.2x the attention), never past the model's position grid when the image fits in it.
+    """
+    n = max(1, int(pixels) // patch)
+    b = bucket(n) if n <= 16 else -(-n // PATCH_STEP) * PATCH_STEP
     if n <= grid < b:
         b = grid
     return b * patch
+
+
+def image_groups(pixel_values, pixel_attention_mask, patch: int, grid: int, *, rows: int, slots: int,
+                 buckets: bool = True):
+    """Host-side: the real images of pixel_values [B, N, C, H, W], each cut to its own valid patches and grouped by
+    padded size, so the vision tower never runs on another image's padding or on padding slots.
+
+    The processor pads every image to the largest in the batch (with splitting: four half-size crops padded to the
+    size of the whole image, 2.5x the patches and 4x the attention of the crops themselves); the reference runs the
+    tower on all of it. The answer does not depend on it: padded patches are masked keys, and position ids count
+    valid patches from the top-left corner, so cutting the invalid right / bottom margin changes nothing.
+
+    Returns (groups, image_mask): groups is a tuple of {"pixel_values" [G, C, h, w], "pixel_attention_mask"
+    [G, h, w], "index" [G]} (index = row * slots + slot; G bucketed, its extra entries blank with index
+    rows * slots, dropped when scattered), image_mask [rows, slots] marks the real images (all-zero pixels are
+    padding, the reference's rule).
+    """
+    pv = np.asarray(pixel_values)
+    b, n, c, h, w = pv.shape
+    pam = (np.ones((b, n, h, w), bool) if pixel_attention_mask is None
+           else np.asarray(pixel_attention_mask).astype(bool))
+    real = np.any(pv != 0, axis=(2, 3, 4))
+    hp, wp = h // patch, w // patch
+    valid = pam[:, :, : hp * patch, : wp * patch].reshape(b, n, hp, patch, wp, patch).all(axis=(3, 5))
+    members: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for i, j in zip(*np.nonzero(real)):
+        rows_used = np.flatnonzero(valid[i, j].any(axis=1))
+        cols_used = np.flatnonzero(valid[i, j].any(axis=0))
+        eh = rows_used[-1] + 1 if rows_used.size else 1
+        ew = cols_used[-1] + 1 if cols_used.size else 1
+        side = ((patch_bucket(eh * patch, patch, grid), patch_bucket(ew * patch, patch, grid)) if buckets
+                else (eh * patch, ew * patch))
+        members.setdefault(side, []).append((int(i), int(j)))
+    groups = []
+    for (sh, sw), items in sorted(members.items()):
+        g = bucket(len(items)) if buckets else len(items)
+        gv = np.zeros((g, c, sh, sw), np.float32)
+        gm = np.zeros((g, sh, sw), bool)
+        index = np.full((g,), rows * slots, np.int32)
+        ch, cw = min(h, sh), min(w, sw)
+        for k, (i, j) in enumerate(items):
+            gv[k, :, :ch, :cw] = pv[i, j, :, :ch, :cw]
+            gm[k, :ch, :cw] = pam[i, j, :ch, :cw]
+            index[k] = i * slots + j
+        groups.append({"pixel_values": gv, "pixel_attention_mask": gm, "index": index})
+    image_mask = np.zeros((rows, slots), bool)
+    image_mask[:b, :n] = real
+    return tuple(groups), image_mask
 
 
 # --------------------------------------------------------------------------------------------- compiled steps
@@ -288,9 +346,20 @@ def _prefill(params, batch, opts, *, model, spec: _Spec, cache_len: int, new_len
     ids = batch["input_ids"]
     b, t = ids.shape
     cache = init_cache(model.config.text_config, b, cache_len, model.dtype)
-    out = model.apply({"params": params}, ids, batch["attention_mask"], batch.get("pixel_values"),
-                      batch.get("pixel_attention_mask"), position_ids=batch["positions"], cache=cache, cache_index=0,
-                      logits_to_keep=1)
+    images = None
+    if "image_groups" in batch:
+        # The vision tower and connector once per same-sized group, scattered into [B, slots, L, D].
+        slots = batch["image_mask"].shape[1]
+        images = jnp.zeros((b * slots, model.config.image_seq_len, model.config.text_config.hidden_size),
+                           model.dtype)
+        for group in batch["image_groups"]:
+            tokens = model.apply({"params": params}, group["pixel_values"][:, None],
+                                 group["pixel_attention_mask"][:, None], method=type(model).encode_images)
+            images = images.at[group["index"]].set(tokens[:, 0].astype(images.dtype), mode="drop")
+        images = images.reshape(b, slots, *images.shape[1:])
+    out = model.apply({"params": params}, ids, batch["attention_mask"], position_ids=batch["positions"],
+                      cache=cache, cache_index=0, logits_to_keep=1, image_hidden_states=images,
+                      image_mask=batch.get("image_mask"))
     seen = None
     if spec.penalty:
         vocab = out.logits.shape[-1]
@@ -581,22 +650,14 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, p
         ctx[:b, ctx.shape[1] - t:] = ids
         batch["context"] = ctx[:, -p:]
     if pixel_values is not None and pixel_values.shape[1] > 0:
-        n, c, h, w = pixel_values.shape[1:]
+        n, _, h, w = pixel_values.shape[1:]
+        if pixel_attention_mask is not None and np.shape(pixel_attention_mask) != (b, n, h, w):
+            raise ValueError(f"pixel_attention_mask must have shape {(b, n, h, w)}, got "
+                             f"{np.shape(pixel_attention_mask)}")
         vc = config.vision_config
-        grid = vc.image_size // vc.patch_size
-        hb, wb = ((patch_bucket(h, vc.patch_size, grid), patch_bucket(w, vc.patch_size, grid)) if buckets
-                  else (h, w))
-        pv = np.zeros((bb, rup(n), c, hb, wb), np.float32)
-        pv[:b, :n, :, :h, :w] = pixel_values
-        pm = np.zeros((bb, rup(n), hb, wb), bool)
-        if pixel_attention_mask is None:
-            pm[:b, :n, :h, :w] = True
-        else:
-            pam = np.asarray(pixel_attention_mask)
-            if pam.shape != (b, n, h, w):
-                raise ValueError(f"pixel_attention_mask must have shape {(b, n, h, w)}, got {pam.shape}")
-            pm[:b, :n, :h, :w] = pam.astype(bool)
-        batch["pixel_values"], batch["pixel_attention_mask"] = pv, pm
+        batch["image_groups"], batch["image_mask"] = image_groups(
+            pixel_values, pixel_attention_mask, vc.patch_size, vc.image_size // vc.patch_size, rows=bb,
+            slots=rup(n), buckets=buckets)
     opts = {"temperature": np.float32(temperature), "top_k": np.int32(top_k), "top_p": np.float32(top_p),
             "repetition_penalty": np.float32(penalty)}
 

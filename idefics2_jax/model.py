@@ -131,15 +131,20 @@ class Idefics2ForConditionalGeneration(nn.Module):
         return self.lm_head(hidden)
 
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, labels=None,
-                 *, position_ids=None, cache=None, cache_index=0, logits_to_keep: int | None = None):
+                 *, position_ids=None, cache=None, cache_index=0, logits_to_keep: int | None = None,
+                 image_hidden_states=None, image_mask=None):
         """Forward pass.
 
         input_ids [B, T] int; attention_mask [B, T] (1 = token, 0 = padding; default all ones);
         pixel_values [B, N, 3, H, W] float; pixel_attention_mask [B, N, H, W] int/bool; labels [B, T] (-100 ignored).
         position_ids [B, T]: RoPE positions (default `cache_index + arange(T)`, as the reference's forward).
         cache / cache_index: a KV cache from `text.init_cache` and the cache position of input_ids[:, 0]
-        (used by `generate`); the updated cache is returned in `out.cache`.
+        (used by `generate`); the updated cache is returned in `out.cache`. cache_index=0 (a Python int) starts a
+        new sequence: the cache's old entries are neither attended nor kept.
         logits_to_keep: compute logits for the last N positions only (generate's prefill needs 1); not with labels.
+        image_hidden_states [B, N, L, D] and image_mask [B, N] bool (default all True): image tokens already computed
+        by `encode_images` (as the reference's `image_hidden_states`), instead of pixel_values; slots with
+        image_mask False are padding. `generate` uses this to run the vision tower on same-sized image groups.
         """
         cfg = self.config
         input_ids = jnp.asarray(input_ids)
@@ -162,8 +167,28 @@ class Idefics2ForConditionalGeneration(nn.Module):
         token_valid = jnp.asarray(attention_mask).astype(bool)
         if token_valid.shape != (b, t):
             raise ValueError(f"attention_mask must have shape {(b, t)}, got {token_valid.shape}")
-        if _is_concrete(input_ids, pixel_values) and (pixel_values is not None or cache is None):
+        if image_hidden_states is None and _is_concrete(input_ids, pixel_values) and (
+                pixel_values is not None or cache is None):
             check_image_tokens(input_ids, pixel_values, cfg.image_token_id, cfg.image_seq_len)
+
+        if image_hidden_states is not None:
+            if pixel_values is not None:
+                raise ValueError("pass pixel_values or image_hidden_states, not both")
+            expect = (b, cfg.image_seq_len, cfg.text_config.hidden_size)
+            shape = tuple(np.shape(image_hidden_states))
+            if len(shape) != 4 or (shape[0], shape[2], shape[3]) != expect:
+                raise ValueError(f"image_hidden_states must be [batch={b}, images, {expect[1]}, {expect[2]}], "
+                                 f"got shape {shape}")
+            if image_mask is None:
+                image_mask = jnp.ones(shape[:2], bool)
+            if tuple(np.shape(image_mask)) != shape[:2]:
+                raise ValueError(f"image_mask must have shape {shape[:2]}, got {np.shape(image_mask)}")
+            if _is_concrete(input_ids, image_mask):
+                tokens = np.sum(np.asarray(input_ids) == cfg.image_token_id, axis=1)
+                images = np.sum(np.asarray(image_mask, bool), axis=1)
+                for i in np.flatnonzero(tokens != images * cfg.image_seq_len)[:1]:
+                    raise ValueError(f"sample {i}: {tokens[i]} <image> tokens in input_ids but {images[i]} image(s) "
+                                     f"in image_hidden_states / image_mask, which need {images[i] * cfg.image_seq_len}")
 
         x = self.text_model.embed(input_ids)
         ok = None
@@ -171,12 +196,17 @@ class Idefics2ForConditionalGeneration(nn.Module):
             pixel_values = jnp.asarray(pixel_values)
             features = self.encode_images(pixel_values, pixel_attention_mask)
             x, ok = merge_image_features(x, input_ids, features, real_image_mask(pixel_values), cfg.image_token_id)
+        elif image_hidden_states is not None:
+            x, ok = merge_image_features(x, input_ids, jnp.asarray(image_hidden_states), jnp.asarray(image_mask, bool),
+                                         cfg.image_token_id)
         x = constrain(x, HIDDEN_AXES)
 
         cache_positions = cache_index + jnp.arange(t, dtype=jnp.int32)
         if position_ids is None:
             position_ids = jnp.broadcast_to(cache_positions, (b, t))
-        hidden, new_cache = self.text_model(x, jnp.asarray(position_ids), token_valid, cache_positions, cache)
+        # cache_index 0 (a Python int) starts a sequence: the cache is written, not read (generate's prefill).
+        fresh = cache is not None and isinstance(cache_index, (int, np.integer)) and int(cache_index) == 0
+        hidden, new_cache = self.text_model(x, jnp.asarray(position_ids), token_valid, cache_positions, cache, fresh)
         if logits_to_keep is not None:
             if labels is not None:
                 raise ValueError("logits_to_keep cannot be combined with labels (the loss needs every position)")

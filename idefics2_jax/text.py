@@ -69,7 +69,9 @@ class MistralAttention(nn.Module):
     attention_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x, positions, mask, layer_cache=None, slots=None):
+    def __call__(self, x, positions, mask, layer_cache=None, slots=None, attend: str = "both"):
+        """attend (with a cache): "both" = [old cache entries ; new tokens], "ring" = the ring after writing the new
+        tokens into it (a decode step), "new" = the new tokens only (a prompt written into an empty cache)."""
         cfg = self.config
         b, t, _ = x.shape
         q = dense(cfg.num_attention_heads * cfg.head_dim, "q_proj", self.dtype)(x)
@@ -84,13 +86,17 @@ class MistralAttention(nn.Module):
         new_cache = None
         keys, values = k, v
         if layer_cache is not None:
-            # Attend over [old cache entries ; new tokens]; the mask (built by the caller from stored positions)
-            # hides empty slots, padding and anything outside the window, including the slot being overwritten.
-            keys = jnp.concatenate([layer_cache["k"].astype(k.dtype), k], axis=1)
-            values = jnp.concatenate([layer_cache["v"].astype(v.dtype), v], axis=1)
             n = slots.shape[0]
             new_cache = {"k": _write(layer_cache["k"], k[:, -n:], slots),
                          "v": _write(layer_cache["v"], v[:, -n:], slots)}
+            if attend == "ring":
+                # A decode step attends over the ring it has just written (see TextModel): no copy of the cache.
+                keys, values = new_cache["k"].astype(k.dtype), new_cache["v"].astype(v.dtype)
+            elif attend == "both":
+                # Attend over [old cache entries ; new tokens]; the mask (built by the caller from stored positions)
+                # hides empty slots, padding and anything outside the window, including the slot being overwritten.
+                keys = jnp.concatenate([layer_cache["k"].astype(k.dtype), k], axis=1)
+                values = jnp.concatenate([layer_cache["v"].astype(v.dtype), v], axis=1)
         out = dot_product_attention(q, keys, values, mask, scale=cfg.head_dim**-0.5,
                                     implementation=self.attention_impl)
         return dense(cfg.hidden_size, "o_proj", self.dtype)(out.reshape(b, t, -1)), new_cache
@@ -102,10 +108,11 @@ class DecoderLayer(nn.Module):
     attention_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x, positions, mask, layer_cache=None, slots=None):
+    def __call__(self, x, positions, mask, layer_cache=None, slots=None, attend: str = "both"):
         cfg = self.config
         h, new_cache = MistralAttention(cfg, self.dtype, self.attention_impl, name="self_attn")(
-            RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x), positions, mask, layer_cache, slots)
+            RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x), positions, mask, layer_cache, slots,
+            attend)
         x = x + h
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
         return x + GatedMLP(cfg.intermediate_size, cfg.hidden_size, cfg.hidden_act, self.dtype, name="mlp")(h), new_cache
@@ -128,13 +135,29 @@ class TextModel(nn.Module):
     def embed(self, input_ids):
         return self.embed_tokens(input_ids)
 
-    def __call__(self, x, positions, token_valid, cache_positions, cache=None):
+    def __call__(self, x, positions, token_valid, cache_positions, cache=None, fresh_cache: bool = False):
         """x [B, T, D] embeddings; positions [B, T] RoPE positions; token_valid [B, T] bool (the attention mask);
-        cache_positions [T] index of each token in the padded sequence. Returns (hidden [B, T, D], new cache)."""
+        cache_positions [T] index of each token in the padded sequence; fresh_cache: the tokens start a new sequence
+        (the cache's old entries are ignored, not attended). Returns (hidden [B, T, D], new cache)."""
         window = self.config.sliding_window
         mask = sliding_window_mask(cache_positions, cache_positions, window) & token_valid[:, None, :]
         slots = None
-        if cache is not None:
+        attend = "both"
+        if cache is not None and fresh_cache:
+            # A prompt into an empty cache (generate's prefill): attend over the new tokens alone, then write them.
+            size = cache["pos"].shape[0]
+            slots = cache_positions[-min(cache_positions.shape[0], size):] % size
+            attend = "new"
+        elif cache is not None and cache_positions.shape[0] == 1:
+            # One token (a decode step): write it into its ring slot first, then attend over the ring alone. Exact:
+            # the overwritten slot held position p - S, which is outside the window when S = W and empty when
+            # S = max_length > p (init_cache's contract). Saves concatenating [cache ; new] in every layer.
+            meta = update_cache_meta(cache, cache_positions, token_valid)
+            mask = sliding_window_mask(cache_positions, meta["pos"], window) & (meta["pos"] >= 0)[None, :]
+            mask = mask[None] & meta["valid"][:, None, :]
+            slots = cache_positions % cache["pos"].shape[0]
+            attend = "ring"
+        elif cache is not None:
             old = sliding_window_mask(cache_positions, cache["pos"], window) & (cache["pos"] >= 0)[None, :]
             old = old[None] & cache["valid"][:, None, :]
             mask = jnp.concatenate([old, mask], axis=-1)
@@ -142,10 +165,13 @@ class TextModel(nn.Module):
             slots = cache_positions[-min(cache_positions.shape[0], size):] % size
         new_layers = []
         for i, layer in enumerate(self.layers):
-            x, layer_cache = layer(x, positions, mask, None if cache is None else cache["layers"][i], slots)
+            x, layer_cache = layer(x, positions, mask, None if cache is None else cache["layers"][i], slots,
+                                   attend)
             x = constrain(x, HIDDEN_AXES)
             new_layers.append(layer_cache)
         x = self.norm(x)
         if cache is None:
             return x, None
+        if fresh_cache:  # nothing from before this sequence stays visible
+            cache = {**cache, "pos": jnp.full_like(cache["pos"], -1), "valid": jnp.zeros_like(cache["valid"])}
         return x, constrain_cache({**update_cache_meta(cache, cache_positions, token_valid), "layers": new_layers})

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import reference
-from idefics2_jax.generate import GenerationConfig, bucket, compiled_program_count, generate
+from idefics2_jax.generate import GenerationConfig, bucket, compiled_program_count, generate, patch_bucket
 
 WINDOW = reference.tiny_config_dict()["text_config"]["sliding_window"]
 SEQ = reference.tiny_config_dict()["perceiver_config"]["resampler_n_latents"]  # <image> tokens per image
@@ -246,6 +246,35 @@ def test_bucket_ladder():
     assert bucket(3, 16) == 16 and bucket(17, 16) == 24 and bucket(25, 16) == 32 and bucket(33, 16) == 48
     for n in range(1, 5000):  # never more than 50% padding past the minimum
         assert n <= bucket(n) <= max(2, 1.5 * n)
+
+
+def test_patch_bucket_ladder():
+    """Sides count whole 14-px patches only (floor), then round up: exact ladder to 16 patches, then steps of 4,
+    capped at the 70-patch grid."""
+    assert [patch_bucket(px, 14, 70) // 14 for px in (13, 14, 27, 28, 90, 125, 230, 252, 253, 512, 974, 980)] == \
+        [1, 1, 1, 2, 6, 8, 16, 20, 20, 36, 70, 70]
+    for px in range(14, 981):  # never fewer whole patches than the image has; waste bounded
+        n = px // 14
+        b = patch_bucket(px, 14, 70) // 14
+        assert n <= b <= max(2, 1.5 * n, n + 3), (px, b)
+    assert patch_bucket(2000, 14, 70) // 14 == 144  # past the grid: the ladder continues (position ids rescale)
+
+
+def test_bucketing_crops_pixels_past_whole_patches(tiny_torch, tiny_jax):
+    """Sides that are not whole patches (90 = 6 x 14 + 6, 125 = 8 x 14 + 13) bucket to fewer pixels than they
+    have: the partial patch is cut, as the reference's valid conv and `sum == P*P` patch mask drop it; the answer
+    equals transformers' (and our own unbucketed one)."""
+    model, params = tiny_jax
+    rng = np.random.default_rng(11)
+    ids = np.array([reference.image_prompt(rng, 2, SEQ, 5)])
+    pv, pm = reference.make_pixels(rng, [[(90, 125), (125, 40)]])
+    ours = generate(model, params, ids, None, pv, pm, max_new_tokens=5, eos_token_id=[], pad_token_id=0)
+    plain = generate(model, params, ids, None, pv, pm, max_new_tokens=5, eos_token_id=[], pad_token_id=0,
+                     buckets=False)
+    batch = dict(input_ids=ids, attention_mask=np.ones_like(ids), pixel_values=pv, pixel_attention_mask=pm)
+    np.testing.assert_array_equal(ours, hf_generate(tiny_torch, batch, max_new_tokens=5, eos_token_id=None,
+                                                    pad_token_id=0))
+    np.testing.assert_array_equal(ours, plain)
 
 
 def test_errors(tiny_jax, batch):

@@ -163,8 +163,6 @@ def test_sharded_logits_and_greedy_tokens_match_single_device(worker, mesh):
 @pytest.mark.parametrize("mesh", MESHES, ids=lambda m: "data%d-fsdp%d-model%d" % m)
 def test_generate_on_a_mesh_matches_single_device(worker, mesh):
     ref = worker["generate_reference"]
-    if ref is None:
-        pytest.skip("idefics2_jax.generate does not exist yet")
     assert not isinstance(ref, str), ref
     assert worker["meshes"]["%d,%d,%d" % mesh]["generate"] == ref
 
@@ -296,10 +294,7 @@ def _run_worker(root: str) -> None:
     ref = np.asarray(jax.jit(logits_fn)(params, forward_batch))
     ref_tokens, ref_step_logits, _, _ = _greedy(model, params, gen_batch, N_NEW)
     results = {"reference_tokens": ref_tokens.tolist(), "meshes": {}}
-    try:  # generate() (another issue): compared on every mesh once it exists
-        from idefics2_jax.generate import generate
-    except ImportError:
-        generate = None
+    from idefics2_jax.generate import generate
 
     def run_generate(p):
         try:
@@ -308,7 +303,7 @@ def _run_worker(root: str) -> None:
         except Exception as e:  # reported by the test, with the mesh
             return f"{type(e).__name__}: {e}"
 
-    results["generate_reference"] = None if generate is None else run_generate(params)
+    results["generate_reference"] = run_generate(params)
 
     def sharded_logits(p, mesh, rules=None):
         with S.use_mesh(mesh, rules):
@@ -337,7 +332,7 @@ def _run_worker(root: str) -> None:
         with S.mesh_context(p):  # what library entry points use: the mesh of the params
             tokens, step_logits, caches, logits_sharding = _greedy(model, p, gen_batch, N_NEW, mesh)
         out["step_logits_spec"] = [S._mesh_axes(e) for e in logits_sharding.spec]
-        out["generate"] = None if generate is None else run_generate(p)
+        out["generate"] = run_generate(p)
         out["tokens"] = tokens.tolist()
         out["step_logits_max_abs_diff"] = float(np.abs(step_logits - ref_step_logits).max())
         k = caches[-1]["layers"][0]["k"]
