@@ -19,12 +19,14 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
 
 WIDTHS = ("narrow", "8b")
 
@@ -109,29 +111,12 @@ def write_checkpoint(path: str, config_dict: dict, shard_bytes: int = 1 << 30, s
             "largest_tensor": max(4 * math.prod(s) for s in shapes.values())}
 
 
-# Linux carries a process's peak RSS across fork + exec (exec keeps the larger of the old and new address spaces'
-# high-water marks), so a child forked straight from this process, which has generated random tensors, would report
-# at least this process's RSS. A small launcher in a fresh interpreter spawns the measured command instead.
-_LAUNCHER = """
-import json, os, sys, time
-start = time.perf_counter()
-pid = os.posix_spawn(sys.argv[2], sys.argv[2:], os.environ)
-_, status, usage = os.wait4(pid, 0)
-with open(sys.argv[1], "w") as f:
-    json.dump({"rc": os.waitstatus_to_exitcode(status), "maxrss_kib": usage.ru_maxrss,
-               "seconds": time.perf_counter() - start}, f)
-"""
-
-
 def peak_rss(cmd: list[str]) -> tuple[int, float]:
-    """(peak RSS in bytes, wall seconds) of `cmd`, measured by a launcher process (see above)."""
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        subprocess.run([sys.executable, "-c", _LAUNCHER, out.name, *cmd], cwd=ROOT, check=True)
-        with open(out.name) as f:
-            result = json.load(f)
+    """(peak RSS in bytes, wall seconds) of `cmd`, measured in a fresh process (common.measure_process)."""
+    result = common.measure_process(cmd)
     if result["rc"] != 0:
         raise SystemExit(f"{' '.join(cmd)} exited with {result['rc']}")
-    return result["maxrss_kib"] * 1024, result["seconds"]  # Linux reports KiB
+    return result["peak_rss_bytes"], result["seconds"]
 
 
 _LOAD = "import sys, jax, idefics2_jax; jax.block_until_ready(idefics2_jax.load_model(sys.argv[1])[1])"

@@ -342,7 +342,7 @@ def memory_bandwidth(dtype: str = "float32", nbytes: float = 512e6, repeats: int
     try:
         import torch
 
-        tw = torch.from_numpy(np.asarray(w.astype(jnp.float32))).to(
+        tw = torch.from_numpy(np.array(w.astype(jnp.float32))).to(
             {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
         if jax.devices()[0].platform == "gpu" and torch.cuda.is_available():
             tw = tw.cuda()
@@ -359,20 +359,39 @@ def memory_bandwidth(dtype: str = "float32", nbytes: float = 512e6, repeats: int
 
 
 # ------------------------------------------------------------------------------------------ peak memory
-def run_child(argv: list[str], env: dict | None = None) -> tuple[int, float, str]:
-    """Run a fresh Python process; returns (exit code, its peak RSS in MiB from wait4, its stdout)."""
+# Linux carries a process's peak RSS across fork + exec (exec keeps the larger of the old and new address spaces'
+# high-water marks), so a child forked straight from a benchmark that holds a model would report at least the
+# benchmark's own RSS. A small launcher in a fresh interpreter spawns the measured command instead.
+_LAUNCHER = """
+import json, os, sys, time
+start = time.perf_counter()
+pid = os.posix_spawn(sys.argv[2], sys.argv[2:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    json.dump({"rc": os.waitstatus_to_exitcode(status), "maxrss_kib": usage.ru_maxrss,
+               "seconds": time.perf_counter() - start}, f)
+"""
+
+
+def measure_process(cmd: list[str], env: dict | None = None, capture: bool = False) -> dict:
+    """Run `cmd` (argv[0] a path) as a fresh process through the launcher: {"rc", "peak_rss_bytes", "seconds",
+    "stdout" (when `capture`, else it goes to ours)}."""
     import subprocess
 
-    r, w = os.pipe()
-    proc = subprocess.Popen([sys.executable, *argv], stdout=w, env={**os.environ, **(env or {})}, cwd=ROOT)
-    os.close(w)
-    chunks = []
-    with os.fdopen(r, "rb") as f:
-        for chunk in iter(lambda: f.read(65536), b""):
-            chunks.append(chunk)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_maxrss / 1024.0, b"".join(chunks).decode(errors="replace")
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        proc = subprocess.run([sys.executable, "-c", _LAUNCHER, out.name, *cmd], cwd=ROOT,
+                              env={**os.environ, **(env or {})}, stdout=subprocess.PIPE if capture else None,
+                              check=True)
+        with open(out.name, encoding="utf-8") as f:
+            result = json.load(f)
+    return {"rc": result["rc"], "peak_rss_bytes": result["maxrss_kib"] * 1024, "seconds": result["seconds"],
+            "stdout": proc.stdout.decode(errors="replace") if capture else None}
+
+
+def run_child(argv: list[str], env: dict | None = None) -> tuple[int, float, str]:
+    """Run a fresh Python process; returns (exit code, its peak RSS in MiB, its stdout)."""
+    r = measure_process([sys.executable, *argv], env=env, capture=True)
+    return r["rc"], r["peak_rss_bytes"] / 2**20, r["stdout"]
 
 
 def last_json_line(text: str) -> dict:
