@@ -52,46 +52,60 @@ def dot_product_attention(q, k, v, mask=None, *, scale: float, implementation: s
 
 
 def _attention(q, k, v, mask, scale):
-    """q [B, T, N, H], k / v [B, S, K, H], mask [B|1, T|1, S] or None.
+    """q [B, T, N, H], k / v [B, S, K, H], mask [B|1, T|1, S] or None: `_attend` in the head-major layout."""
+    b, t, n, h = q.shape
+    qh, kh, vh = _head_major(q, k, v)
+    return _attend(qh, kh, vh, mask, scale).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
-    Query heads are grouped per KV head ([B, K, G, T, S] logits, no repeated K/V). Logits and softmax in float32;
-    the softmax is normalised after the value product (divide [T, H] by the row sums instead of [T, S] by them),
-    which saves a pass over the logits: the same math as jax.nn's XLA attention, 1.5-2x faster on CPU
-    (`python benchmarks/bench_attention.py`).
-    """
+
+def _head_major(q, k, v):
+    """q [B, T, N, H] -> [B, K, G, T, H] (query heads grouped per KV head: no repeated K/V); k / v -> [B, K, S, H]."""
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
-    qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
+    qh = q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
+    return qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
+def _attend(qh, kh, vh, mask, scale):
+    """qh [B, K, G, T, H], kh / vh [B, K, S, H], mask [B|1, T|1, S] or None -> [B, K, G, T, H].
+
+    Logits and softmax in float32; the softmax is normalised after the value product (divide [T, H] by the row
+    sums instead of [T, S] by them), which saves a pass over the logits: the same math as jax.nn's XLA attention,
+    1.5-2x faster on CPU (`python benchmarks/bench_attention.py`).
+    """
+    logits = jnp.einsum("bkgth,bksh->bkgts", qh, kh, preferred_element_type=jnp.float32) * jnp.float32(scale)
     if mask is not None:
         logits = jnp.where(mask[:, None, None], logits, MASKED_LOGIT)
     logits = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
     weights = jnp.exp(logits)
     total = jnp.sum(weights, axis=-1)  # >= 1: the row maximum contributes exp(0)
-    out = jnp.einsum("bkgts,bskh->bkgth", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    out = out / total[..., None]
-    return out.astype(v.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+    out = jnp.einsum("bkgts,bksh->bkgth", weights.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
+    return (out / total[..., None]).astype(vh.dtype)
 
 
 def _blocked_attention(q, k, v, mask, scale):
-    """`_attention` over equal blocks of queries (a `lax.map`), each small enough that its logits stay under
+    """`_attend` over equal blocks of queries (a `lax.map`), each small enough that its logits stay under
     BLOCKED_LOGITS_BYTES: every block sees every key, so the softmax is exact, and only one block's logits exist
-    at a time. Blocks are equal (ceil(T / blocks), a multiple of 8), so at most 7 queries per block are padding."""
+    at a time. K/V are put head-major once, outside the loop. Blocks are equal (ceil(T / blocks), a multiple of
+    8), so at most 7 queries per block are padding."""
     b, t, n, h = q.shape
     row_bytes = b * n * k.shape[1] * 4
     rows = max(Q_BLOCK_MIN, min(Q_BLOCK_MAX, BLOCKED_LOGITS_BYTES // row_bytes))
     blocks = -(-t // rows)
     size = -(-(-(-t // blocks)) // 8) * 8
     pad = blocks * size - t
-    qb = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, blocks, size, n, h).swapaxes(0, 1)
+    qh, kh, vh = _head_major(jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))), k, v)
+    qb = jnp.moveaxis(qh.reshape(*qh.shape[:3], blocks, size, h), 3, 0)  # [blocks, B, K, G, size, H]
     if mask is None or mask.shape[1] == 1:
-        out = jax.lax.map(lambda qi: _attention(qi, k, v, mask, scale), qb)
+        out = jax.lax.map(lambda qi: _attend(qi, kh, vh, mask, scale), qb)
     else:
         mb = jnp.broadcast_to(mask, (mask.shape[0], t, mask.shape[2]))
         mb = jnp.pad(mb, ((0, 0), (0, pad), (0, 0)), constant_values=True)
         mb = mb.reshape(mb.shape[0], blocks, size, mb.shape[2]).swapaxes(0, 1)
-        out = jax.lax.map(lambda a: _attention(a[0], k, v, a[1], scale), (qb, mb))
-    return out.swapaxes(0, 1).reshape(b, blocks * size, n, h)[:, :t]
+        out = jax.lax.map(lambda a: _attend(a[0], kh, vh, a[1], scale), (qb, mb))
+    # [blocks, B, K, G, size, H] -> [B, blocks * size, K * G, H]
+    out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, blocks * size, n, h)
+    return out[:, :t]
 
 
 def _single_query_attention(q, k, v, mask, scale):
