@@ -3,7 +3,7 @@ scaled_dot_product_attention (what transformers' sdpa path calls, after `repeat_
 
 Cases: vision tower self-attention (patches per image, `small`'s 3 heads of 64 and the real 16 heads of 72), the
 perceiver's latents-over-patches attention, a text prefill and a decode step over the KV cache (GQA 32/8 and
-small's 8/2). Key-padding masks as in the model. Prints a table of milliseconds; --json writes it.
+small's 8/2). Masks shaped as the model builds them (key padding [B, 1, S]; causal [B, T, S]). Prints a table of milliseconds; --json writes it.
 
   python benchmarks/bench_attention.py [--repeats 7] [--json PATH]
 """
@@ -50,10 +50,11 @@ def main(argv=None) -> int:
         q = rng.standard_normal((b, t, n, h), np.float32)
         k = rng.standard_normal((b, s, kv, h), np.float32)
         v = rng.standard_normal((b, s, kv, h), np.float32)
-        mask = np.broadcast_to(rng.random((b, 1, s)) < 0.9, (b, t, s)).copy()
-        if causal:
-            mask &= np.tril(np.ones((t, s), bool), s - t)[None]
+        # As the model builds them: a key-padding mask [B, 1, S] (vision, perceiver, decode), or [B, T, S] causal.
+        mask = rng.random((b, 1, s)) < 0.9
         mask[..., 0] = True
+        if causal:
+            mask = mask & np.tril(np.ones((t, s), bool), s - t)[None]
         jq, jk, jv, jm = map(jnp.asarray, (q, k, v, mask))
         ours = jax.jit(lambda q, k, v, m: dot_product_attention(q, k, v, m, scale=h**-0.5))
         tq, tk, tv = (torch.from_numpy(x).transpose(1, 2).contiguous() for x in (q, k, v))
