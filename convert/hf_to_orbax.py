@@ -28,7 +28,8 @@ import numpy as np
 
 from idefics2_jax.checkpoint import CHUNK_BYTES, PARAMS_DIR, LazyLeaf, save_params_streaming, write_manifest
 from idefics2_jax.config import Idefics2Config
-from idefics2_jax.weights import _TO_FLAX, check_keys, checkpoint_dtype, flax_shape, resolve_dtype, to_flax
+from idefics2_jax.weights import (check_keys, checkpoint_dtype, flax_shape, hf_leading_axis, resolve_dtype,
+                                  to_flax)
 
 from .safetensors_stream import StreamingReader
 
@@ -119,7 +120,7 @@ def plan_conversion(src: str, dtype=None) -> Plan:
             raise ConversionError(f"{info.file}: tensor {key!r} has dtype {info.dtype}, expected a float type")
         leaves[entry.path] = LazyLeaf(
             shape=flax_shape(info.shape, entry.transform), dtype=target,
-            load=_loader(reader, key, entry.transform, target), axis=_hf_leading_axis(entry.transform), name=key,
+            load=_loader(reader, key, entry.transform, target), axis=hf_leading_axis(entry.transform), name=key,
             order=reader.files.index(info.file) * (1 << 48) + info.begin, source_nbytes=info.nbytes)
     return Plan(src, config, reader, target, source_dtype, leaves)
 
@@ -136,12 +137,6 @@ def _loader(reader: StreamingReader, key: str, transform: str, dtype: np.dtype) 
         return out
 
     return load
-
-
-def _hf_leading_axis(transform: str) -> int:
-    """The Flax axis that the HF tensor's axis 0 becomes: slabs along it are contiguous in the source file."""
-    perm = _TO_FLAX[transform]
-    return 0 if perm is None else perm.index(0)
 
 
 def _one_line(e) -> str:

@@ -142,9 +142,9 @@ def checkpoint_entries(config: Idefics2Config) -> dict[str, Entry]:
         if rule is LM_HEAD and config.tie_word_embeddings:
             continue
         n = _layers_for(rule, config)
-        for i in range(n or 1):
-            key = rule.hf.format(i=i) if n is not None else rule.hf
-            path = rule.path.format(i=i) if n is not None else rule.path
+        for i in (range(n) if n is not None else [None]):  # a stack of 0 layers holds no tensors
+            key = rule.hf.format(i=i) if i is not None else rule.hf
+            path = rule.path.format(i=i) if i is not None else rule.path
             out[key] = Entry(key, tuple(path.split("/")), rule.transform, rule.axes)
     return out
 
@@ -157,6 +157,12 @@ def to_flax(array: np.ndarray, transform: str) -> np.ndarray:
 def to_hf(array: np.ndarray, transform: str) -> np.ndarray:
     perm = _TO_FLAX[transform]
     return array if perm is None else np.transpose(array, np.argsort(perm))
+
+
+def hf_leading_axis(transform: str) -> int:
+    """The Flax axis that the HF tensor's axis 0 becomes (slabs along it are contiguous in a safetensors file)."""
+    perm = _TO_FLAX[transform]
+    return 0 if perm is None else perm.index(0)
 
 
 def flax_shape(hf_shape, transform: str) -> tuple:
