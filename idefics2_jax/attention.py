@@ -28,9 +28,9 @@ def dot_product_attention(q, k, v, mask=None, *, scale: float, implementation: s
         heads are grouped per KV head).
       mask: bool, broadcastable to [batch, q_len, kv_len]; True = may attend.
       scale: logit scale (head_dim ** -0.5 everywhere in Idefics2).
-      implementation: None / "xla": jax.nn's XLA attention, query-blocked for long sequences, and a fused
-        multiply-reduce for a single query (a decode step); anything else ("cudnn") goes straight to
-        `jax.nn.dot_product_attention`.
+      implementation: None / "xla": plain XLA ops with jax.nn's conventions (`_attend`), query-blocked for long
+        sequences, and a fused multiply-reduce for a single query (a decode step); anything else ("cudnn") goes
+        straight to `jax.nn.dot_product_attention`.
 
     Returns: [batch, q_len, num_heads, head_dim]. Logits and softmax are computed in float32 as the reference.
     A query row whose keys are all masked gets a finite average (never NaN); only padding rows can be like that.
