@@ -3,7 +3,8 @@ scaled_dot_product_attention (what transformers' sdpa path calls, after `repeat_
 
 Cases: vision tower self-attention (patches per image, `small`'s 3 heads of 64 and the real 16 heads of 72), the
 perceiver's latents-over-patches attention, a text prefill and a decode step over the KV cache (GQA 32/8 and
-small's 8/2). Masks shaped as the model builds them (key padding [B, 1, S]; causal [B, T, S]). Prints a table of milliseconds; --json writes it.
+small's 8/2). Masks shaped as the model builds them (key padding [B, 1, S]; causal [B, T, S]). Prints a table of
+milliseconds; --json writes it.
 
   python benchmarks/bench_attention.py [--repeats 7] [--json PATH]
 """

@@ -92,7 +92,8 @@ def _blocked_attention(q, k, v, mask, scale):
     row_bytes = b * n * k.shape[1] * 4
     rows = max(Q_BLOCK_MIN, min(Q_BLOCK_MAX, BLOCKED_LOGITS_BYTES // row_bytes))
     blocks = -(-t // rows)
-    size = -(-(-(-t // blocks)) // 8) * 8
+    size = -(-t // blocks)
+    size = -(-size // 8) * 8
     pad = blocks * size - t
     qh, kh, vh = _head_major(jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))), k, v)
     qb = jnp.moveaxis(qh.reshape(*qh.shape[:3], blocks, size, h), 3, 0)  # [blocks, B, K, G, size, H]

@@ -40,7 +40,6 @@ def test_real_8b_config_covers_every_checkpoint_tensor():
     assert round(total / 1e9, 2) == 8.40
 
 
-
 def test_a_stack_of_zero_layers_holds_no_tensors():
     """resampler_depth 0 (a perceiver of latents and a norm only): the table must not invent a layers.0."""
     d = R.tiny_config_dict()
@@ -52,6 +51,7 @@ def test_a_stack_of_zero_layers_holds_no_tensors():
     assert not any(k.startswith("model.connector.perceiver_resampler.layers.") for k in entries)
     assert set(entries) == set(hf.state_dict())
     assert set(flatten_dict(abstract_params(config))) == {e.path for e in entries.values()}
+
 
 def test_sharded_bf16_checkpoint_keeps_its_dtype(tiny_torch, tiny_jax, tmp_path):
     path = R.save(R.build_torch_model(R.tiny_config_dict(), seed=0), tmp_path / "sharded", dtype=torch.bfloat16,
