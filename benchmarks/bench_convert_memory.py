@@ -152,7 +152,8 @@ def main(argv=None) -> int:
                     load_rss, _ = peak_rss([sys.executable, "-c", _LOAD, dst])
                 target = (1 << 30) + 2 * info["largest_tensor"]
                 rows.append(dict(width=args.width, size_bytes=info["bytes"], tensors=info["tensors"],
-                                 shards=info["shards"], text_layers=layers, largest_tensor=info["largest_tensor"], dtype=dtype,
+                                 shards=info["shards"], text_layers=layers, largest_tensor=info["largest_tensor"],
+                                 dtype=dtype,
                                  peak_rss=rss, baseline_rss=base, target=target, seconds=seconds,
                                  mb_per_s=info["bytes"] / 1e6 / seconds, ok=rss < target,
                                  load_peak_rss=load_rss))

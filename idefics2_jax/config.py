@@ -154,7 +154,8 @@ class Idefics2Config:
         """An HF-style dict that `from_dict` (and transformers) read back to the same values."""
         text = dataclasses.asdict(self.text_config)
         text["model_type"] = "mistral"
-        text["eos_token_id"] = list(text["eos_token_id"]) if isinstance(text["eos_token_id"], tuple) else text["eos_token_id"]
+        if isinstance(text["eos_token_id"], tuple):
+            text["eos_token_id"] = list(text["eos_token_id"])
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": text.pop("rope_theta")}
         out = {
             "model_type": MODEL_TYPE,

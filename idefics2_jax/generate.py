@@ -190,7 +190,7 @@ def greedy(logits):
 
 def sample(logits, keys):
     """One draw per row from softmax(logits); keys: one typed PRNG key per row."""
-    return jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, logits).astype(jnp.int32)
+    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
 
 # --------------------------------------------------------------------------------------------------- bucketing

@@ -267,7 +267,8 @@ def param_axes(path: Sequence[str]) -> tuple | None:
     return None
 
 
-def param_specs(config, mesh, rules: Mapping | None = None, shapes: Mapping | None = None) -> dict[tuple, PartitionSpec]:
+def param_specs(config, mesh, rules: Mapping | None = None,
+                shapes: Mapping | None = None) -> dict[tuple, PartitionSpec]:
     """{param path: PartitionSpec} for `config` on `mesh` (Mesh or AbstractMesh).
 
     shapes: {param path: shape} if already known (default: `weights.param_shapes`, from `jax.eval_shape`).

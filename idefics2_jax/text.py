@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from .attention import dot_product_attention, sliding_window_mask
@@ -115,7 +114,8 @@ class DecoderLayer(nn.Module):
             attend)
         x = x + h
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
-        return x + GatedMLP(cfg.intermediate_size, cfg.hidden_size, cfg.hidden_act, self.dtype, name="mlp")(h), new_cache
+        mlp = GatedMLP(cfg.intermediate_size, cfg.hidden_size, cfg.hidden_act, self.dtype, name="mlp")
+        return x + mlp(h), new_cache
 
 
 class TextModel(nn.Module):

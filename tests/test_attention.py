@@ -17,7 +17,8 @@ def _reference(q, k, v, mask, scale):
     groups = q.shape[2] // k.shape[2]
     tq, tk, tv = (torch.from_numpy(np.array(x, np.float32)).transpose(1, 2) for x in (q, k, v))
     tk, tv = tk.repeat_interleave(groups, dim=1), tv.repeat_interleave(groups, dim=1)
-    m = None if mask is None else torch.from_numpy(np.broadcast_to(mask, (q.shape[0], q.shape[1], k.shape[1])).copy())[:, None]
+    m = None if mask is None else torch.from_numpy(
+        np.broadcast_to(mask, (q.shape[0], q.shape[1], k.shape[1])).copy())[:, None]
     out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=m, scale=scale)
     return out.transpose(1, 2).numpy()
 

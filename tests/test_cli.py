@@ -88,8 +88,8 @@ def test_sampling_flags_are_reproducible(demo_dir, image_path, capsys):
     assert main(args) == 0
     second = capsys.readouterr()
     assert first.out == second.out and "ids: " in first.err
-    assert [l for l in first.err.splitlines() if l.startswith("ids")] == \
-        [l for l in second.err.splitlines() if l.startswith("ids")]
+    assert [line for line in first.err.splitlines() if line.startswith("ids")] == \
+        [line for line in second.err.splitlines() if line.startswith("ids")]
 
 
 def test_clear_errors(demo_dir, image_path, tmp_path, capsys):

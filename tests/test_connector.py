@@ -33,6 +33,7 @@ def test_padded_patches_do_not_leak(tiny_jax):
     valid = np.array([[True] * 6 + [False] * 4])
     noisy = feats.copy()
     noisy[:, 6:] = 100.0
-    apply = lambda f: np.asarray(Connector(cfg).apply({"params": params["connector"]}, jnp.asarray(f),
-                                                      jnp.asarray(valid)))
+    def apply(f):
+        return np.asarray(Connector(cfg).apply({"params": params["connector"]}, jnp.asarray(f), jnp.asarray(valid)))
+
     np.testing.assert_allclose(apply(feats), apply(noisy), atol=1e-5)

@@ -69,12 +69,13 @@ def test_gradients_match_torch_autograd(tiny_torch, tiny_jax, batch):
     ref.loss.backward()
     grads = jax.grad(lambda p: model.apply({"params": p}, **batch).loss)(params)
     named = dict(tiny_torch.named_parameters())
+    text0, vision0 = grads["text_model"]["layers_0"], grads["vision_model"]["encoder"]["layers_0"]
     checks = {
         "lm_head.weight": grads["lm_head"]["kernel"].T,
-        "model.text_model.layers.0.self_attn.q_proj.weight": grads["text_model"]["layers_0"]["self_attn"]["q_proj"]["kernel"].T,
+        "model.text_model.layers.0.self_attn.q_proj.weight": text0["self_attn"]["q_proj"]["kernel"].T,
         "model.text_model.embed_tokens.weight": grads["text_model"]["embed_tokens"]["embedding"],
         "model.connector.perceiver_resampler.latents": grads["connector"]["perceiver_resampler"]["latents"],
-        "model.vision_model.encoder.layers.0.mlp.fc1.weight": grads["vision_model"]["encoder"]["layers_0"]["mlp"]["fc1"]["kernel"].T,
+        "model.vision_model.encoder.layers.0.mlp.fc1.weight": vision0["mlp"]["fc1"]["kernel"].T,
         "model.vision_model.embeddings.patch_embedding.weight": jnp.transpose(
             grads["vision_model"]["embeddings"]["patch_embedding"]["kernel"], (3, 2, 0, 1)),
     }

@@ -274,7 +274,6 @@ def _greedy(model, params, batch, n_new, mesh=None):
 
 def _run_worker(root: str) -> None:
     import jax
-    import jax.numpy as jnp
     from flax.traverse_util import flatten_dict
 
     import idefics2_jax

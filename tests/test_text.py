@@ -13,7 +13,7 @@ def test_sliding_window_mask_matches_5x_rule():
     # transformers 5.x: key k visible to query q iff 0 <= q - k <= W - 1 (W keys including itself).
     window, length = 4, 10
     fn = masking_utils.sliding_window_causal_mask_function(window)
-    t = lambda i: torch.tensor(i)
+    t = torch.tensor
     ref = np.array([[bool(fn(t(0), t(0), t(q), t(k))) for k in range(length)] for q in range(length)])
     ours = np.asarray(sliding_window_mask(jnp.arange(length), jnp.arange(length), window))
     np.testing.assert_array_equal(ours, ref)
