@@ -1,4 +1,4 @@
-"""Benchmark: the one attention function (idefics2_jax.attention.dot_product_attention) against torch's
+"""Benchmark: the one attention function (idefics2_jax.nn.attention.dot_product_attention) against torch's
 scaled_dot_product_attention (what transformers' sdpa path calls, after `repeat_kv`) at the shapes Idefics2 runs.
 
 Cases: vision tower self-attention (patches per image, `small`'s 3 heads of 64 and the real 16 heads of 72), the
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from idefics2_jax.attention import dot_product_attention
+    from idefics2_jax.nn.attention import dot_product_attention
 
     torch.set_num_threads(os.cpu_count())
     rows = []

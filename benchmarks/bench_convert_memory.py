@@ -58,11 +58,12 @@ def bench_config(text_layers: int, width: str = "narrow") -> dict:
 def hf_shapes(config_dict: dict) -> dict[str, tuple]:
     """{HF key: HF shape} from the project's weight table (no torch, no memory)."""
     from idefics2_jax.config import Idefics2Config
-    from idefics2_jax.weights import _hf_shape, checkpoint_entries, param_shapes
+    from idefics2_jax.ckpt.shapes import param_shapes
+    from idefics2_jax.ckpt.table import checkpoint_entries, hf_shape
 
     config = Idefics2Config.from_dict(config_dict)
     shapes = param_shapes(config)
-    return {k: _hf_shape(shapes[e.path], e.transform) for k, e in checkpoint_entries(config).items()}
+    return {k: hf_shape(shapes[e.path], e.transform) for k, e in checkpoint_entries(config).items()}
 
 
 def layers_for(size_bytes: float, width: str) -> int:

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
 
-    from idefics2_jax.image_processing import Idefics2ImageProcessor
+    from idefics2_jax.processing import Idefics2ImageProcessor
 
     config = {**CONFIG, "do_image_splitting": not args.no_split}
     images = load_photos()

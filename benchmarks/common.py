@@ -230,7 +230,7 @@ def params_from_torch(model, config, dtype):
     import torch
     from flax.traverse_util import unflatten_dict
 
-    from idefics2_jax.weights import checkpoint_entries, to_flax
+    from idefics2_jax.ckpt.table import checkpoint_entries, to_flax
 
     state = model.state_dict()
     flat = {}

@@ -22,10 +22,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import AbstractMesh  # noqa: E402
 
-from idefics2_jax import sharding as S  # noqa: E402
-from idefics2_jax import text  # noqa: E402
+from idefics2_jax.ckpt.placement import param_specs  # noqa: E402
+from idefics2_jax.ckpt.shapes import param_shapes  # noqa: E402
 from idefics2_jax.config import Idefics2Config  # noqa: E402
-from idefics2_jax.weights import param_shapes  # noqa: E402
+from idefics2_jax.nn import partitioning as S  # noqa: E402
+from idefics2_jax.nn import text  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data",
                               "idefics2-8b.config.json")
@@ -40,7 +41,7 @@ def abstract_mesh(data: int, fsdp: int, model: int) -> AbstractMesh:
 def weight_elements_per_device(config, mesh, rules, shapes) -> tuple[int, int]:
     """(elements on each device, of which vision tower); shards are even, so every device holds the same."""
     total = vision = 0
-    for path, spec in S.param_specs(config, mesh, rules, shapes).items():
+    for path, spec in param_specs(config, mesh, rules, shapes).items():
         n = math.prod(S.shard_shape(shapes[path], spec, mesh))
         total += n
         vision += n if path[0] == "vision_model" else 0

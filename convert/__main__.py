@@ -11,6 +11,10 @@ import sys
 import threading
 import time
 
+from tqdm import tqdm
+
+from .hf_to_orbax import ConversionError, convert_hf_to_orbax, plan_conversion
+
 DESCRIPTION = """\
 Convert an Idefics2 checkpoint between formats.
 
@@ -58,34 +62,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Progress:
-    """Tensor and byte counts on stderr: one updating line on a terminal, a line every few seconds otherwise."""
+    """A tqdm bar on stderr counting tensors, with bytes and throughput (redrawn on a terminal, a line every few
+    seconds otherwise). Called from Orbax's writer thread after each tensor is on disk."""
 
-    def __init__(self, total_tensors: int, total_bytes: int, stream=sys.stderr, interval: float | None = None):
-        self.total_tensors, self.total_bytes, self.stream = total_tensors, total_bytes, stream
-        self.tty = stream.isatty()
-        self.interval = interval if interval is not None else (0.2 if self.tty else 5.0)
-        self.tensors = self.bytes = 0
-        self.start = self.last = time.monotonic()
+    def __init__(self, total_tensors: int, total_bytes: int, stream=sys.stderr):
+        self.total_bytes, self.bytes = total_bytes, 0
         self.lock = threading.Lock()
+        self.bar = tqdm(total=total_tensors, file=stream, mininterval=0.2 if stream.isatty() else 5.0,
+                        bar_format="[{n_fmt}/{total_fmt} tensors] {postfix} {bar:20} {elapsed}<{remaining}",
+                        dynamic_ncols=True)
+        self.start = time.monotonic()
 
     def __call__(self, leaf) -> None:
         with self.lock:
-            self.tensors += 1
             self.bytes += leaf.source_nbytes or leaf.nbytes
-            now = time.monotonic()
-            if now - self.last >= self.interval or self.tensors == self.total_tensors:
-                self.last = now
-                self._print(leaf.name)
+            rate = self.bytes / 1e6 / max(time.monotonic() - self.start, 1e-9)
+            self.bar.set_postfix_str(f"{self.bytes / 1e9:.2f}/{self.total_bytes / 1e9:.2f} GB ({rate:.0f} MB/s) "
+                                     f"{leaf.name}", refresh=False)
+            self.bar.update(1)
 
-    def _print(self, name: str) -> None:
-        elapsed = max(time.monotonic() - self.start, 1e-9)
-        line = (f"[{self.tensors}/{self.total_tensors} tensors] {self.bytes / 1e9:.2f}/{self.total_bytes / 1e9:.2f} GB"
-                f" ({self.bytes / 1e6 / elapsed:.0f} MB/s) {name}")
-        if self.tty:
-            self.stream.write("\r\x1b[2K" + line + ("\n" if self.tensors == self.total_tensors else ""))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+    def close(self) -> None:
+        self.bar.close()
 
 
 @contextlib.contextmanager
@@ -117,18 +114,20 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
-    from .hf_to_orbax import ConversionError, convert_hf_to_orbax, plan_conversion
-
+    progress = None
     try:
         plan = plan_conversion(args.src, args.dtype)
-        progress = None
         if not args.quiet:
-            progress = Progress(len(plan.leaves), plan.source_bytes)
             print(f"converting {plan.src} ({len(plan.leaves)} tensors, {plan.source_bytes / 1e9:.2f} GB "
                   f"{plan.source_dtype.name}) -> {os.path.abspath(args.dst)} as {plan.dtype.name}",
                   file=sys.stderr, flush=True)
-        summary = convert_hf_to_orbax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
-                                      on_leaf=progress, plan=plan)
+            progress = Progress(len(plan.leaves), plan.source_bytes)
+        try:
+            summary = convert_hf_to_orbax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
+                                          on_leaf=progress, plan=plan)
+        finally:
+            if progress is not None:
+                progress.close()
     except ConversionError as e:
         print(f"convert: error: {e}", file=sys.stderr)
         return 1

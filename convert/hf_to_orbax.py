@@ -26,12 +26,12 @@ from typing import Callable
 
 import numpy as np
 
-from idefics2_jax.checkpoint import CHUNK_BYTES, PARAMS_DIR, LazyLeaf, save_params_streaming, write_manifest
+from idefics2_jax.ckpt.dtypes import checkpoint_dtype, resolve_dtype
+from idefics2_jax.ckpt.hf import check_keys
+from idefics2_jax.ckpt.orbax import CHUNK_BYTES, PARAMS_DIR, LazyLeaf, save_params_streaming, write_manifest
+from idefics2_jax.ckpt.safetensors import SafetensorsReader
+from idefics2_jax.ckpt.table import flax_shape, hf_leading_axis, to_flax
 from idefics2_jax.config import Idefics2Config
-from idefics2_jax.weights import (check_keys, checkpoint_dtype, flax_shape, hf_leading_axis, resolve_dtype,
-                                  to_flax)
-
-from .safetensors_stream import StreamingReader
 
 # Everything besides the weights that `load_model` and `Idefics2Processor.from_pretrained` read.
 SIDE_FILES = (
@@ -59,7 +59,7 @@ class ConversionError(Exception):
 class Plan:
     src: str
     config: Idefics2Config
-    reader: StreamingReader
+    reader: SafetensorsReader
     dtype: np.dtype  # what the params are written as
     source_dtype: np.dtype
     leaves: dict  # {param path tuple: LazyLeaf}
@@ -105,7 +105,7 @@ def plan_conversion(src: str, dtype=None) -> Plan:
         raise ConversionError(f"{src}: not a directory")
     try:
         config = Idefics2Config.from_pretrained(src)
-        reader = StreamingReader(src)
+        reader = SafetensorsReader(src)
         entries = check_keys(config, reader.keys(), reader.shape)
         source_dtype = np.dtype(checkpoint_dtype(reader, config))
         target = np.dtype(resolve_dtype(dtype) or source_dtype)
@@ -125,7 +125,7 @@ def plan_conversion(src: str, dtype=None) -> Plan:
     return Plan(src, config, reader, target, source_dtype, leaves)
 
 
-def _loader(reader: StreamingReader, key: str, transform: str, dtype: np.dtype) -> Callable[[int, int], np.ndarray]:
+def _loader(reader: SafetensorsReader, key: str, transform: str, dtype: np.dtype) -> Callable[[int, int], np.ndarray]:
     def load(start: int, stop: int) -> np.ndarray:
         rows = reader.read(key, start, stop)  # HF rows = one contiguous byte range of the shard
         view = to_flax(rows, transform)

@@ -14,6 +14,14 @@ import os
 import sys
 import time
 
+from .ckpt.shapes import param_shapes
+from .ckpt.table import checkpoint_entries, hf_shape
+from .config import Idefics2Config
+from .generation import TextStreamer, generate
+from .generation.loop import enable_compilation_cache
+from .loading import load_model
+from .processing import DEFAULT_CHAT_TEMPLATE, Idefics2Processor, load_image_file
+
 RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS.txt"
 DEFAULT_DEMO_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
                                 "idefics2_jax", "tiny-random-idefics2")
@@ -70,10 +78,6 @@ def build_tiny_random_checkpoint(directory: str, seed: int = 0) -> str:
     import numpy as np
     from safetensors.numpy import save_file
 
-    from .config import Idefics2Config
-    from .processing import DEFAULT_CHAT_TEMPLATE
-    from .weights import _hf_shape, checkpoint_entries, param_shapes
-
     tokenizer_model = _sentencepiece_model()
     os.makedirs(directory, exist_ok=True)
     config = Idefics2Config.from_dict(tiny_config_dict())
@@ -81,7 +85,7 @@ def build_tiny_random_checkpoint(directory: str, seed: int = 0) -> str:
     rng = np.random.default_rng(seed)
     tensors = {}
     for key, entry in checkpoint_entries(config).items():
-        shape = _hf_shape(shapes[entry.path], entry.transform)
+        shape = hf_shape(shapes[entry.path], entry.transform)
         if key.endswith("latents") or "embed_tokens" in key or "position_embedding" in key:
             x = rng.standard_normal(shape)
         elif len(shape) == 1:  # norm weights around 1, biases around 0
@@ -155,8 +159,6 @@ def _check_model_dir(path: str) -> None:
 
 
 def _open_images(paths):
-    from .image_processing import load_image_file
-
     images = []
     for p in paths:
         try:
@@ -196,8 +198,6 @@ def run_generate(args) -> int:
         raise CliError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     images = _open_images(args.image or [])
 
-    from .processing import Idefics2Processor
-
     try:
         processor = Idefics2Processor.from_pretrained(model_dir)
     except (ValueError, OSError) as e:
@@ -205,8 +205,6 @@ def run_generate(args) -> int:
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]
     prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     inputs = processor(text=prompt, images=images or None, return_tensors="np")
-
-    from .config import Idefics2Config
 
     config = Idefics2Config.from_pretrained(model_dir)
     n_prompt = inputs["input_ids"].shape[1]
@@ -218,9 +216,6 @@ def run_generate(args) -> int:
             f"--max-new-tokens {args.max_new_tokens} = {n_prompt + args.max_new_tokens} > {limit} positions "
             f"({'--max-length' if args.max_length else 'the model maximum, max_position_embeddings'}); "
             "shorten the prompt, use fewer or smaller images, or lower --max-new-tokens")
-
-    from .generate import TextStreamer, enable_compilation_cache, generate
-    from .loading import load_model
 
     if args.compilation_cache:
         enable_compilation_cache(args.compilation_cache if args.compilation_cache != "default" else None)
@@ -288,8 +283,6 @@ def run_bench(args) -> int:
     model_dir = os.path.expanduser(args.model)
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise CliError(f"model directory not found or without config.json: {model_dir}")
-    from .generate import enable_compilation_cache, generate
-    from .loading import load_model
 
     if args.compilation_cache:
         enable_compilation_cache(args.compilation_cache if args.compilation_cache != "default" else None)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 
+from .ckpt.dtypes import resolve_dtype
+from .ckpt.hf import load_hf_params
+from .ckpt.orbax import is_orbax_dir, restore_params
+from .ckpt.placement import param_shardings
 from .config import Idefics2Config
-from .model import Idefics2ForConditionalGeneration
-from .weights import load_hf_params, resolve_dtype
+from .nn.model import Idefics2ForConditionalGeneration
 
 
 def load_model(path, dtype=None, mesh=None, *, attention_impl: str | None = None, rules=None):
@@ -15,8 +18,8 @@ def load_model(path, dtype=None, mesh=None, *, attention_impl: str | None = None
     path: an HF checkpoint directory (config.json + model.safetensors or shards with an index), or a directory
         written by `python -m convert --from hf` (Orbax params, restored straight into `dtype` and the shardings).
     dtype: None keeps the checkpoint's dtype; "float32" / "bfloat16" / "float16" or a numpy/jax dtype.
-    mesh: a `jax.sharding.Mesh` to place each parameter directly in its sharding (see `idefics2_jax.sharding`).
-    rules: the logical-axis rules table for `mesh` (default `sharding.DEFAULT_RULES`).
+    mesh: a `jax.sharding.Mesh` to place each parameter directly in its sharding (see `idefics2_jax.nn.partitioning`).
+    rules: the logical-axis rules table for `mesh` (default `nn.partitioning.DEFAULT_RULES`).
     Returns (model, params) for `model.apply({"params": params}, ...)`.
     """
     path = os.fspath(path)
@@ -26,11 +29,7 @@ def load_model(path, dtype=None, mesh=None, *, attention_impl: str | None = None
     dtype = resolve_dtype(dtype)
     shardings = None
     if mesh is not None:
-        from .sharding import param_shardings
-
         shardings = param_shardings(config, mesh, rules)
-    from .checkpoint import is_orbax_dir, restore_params
-
     if is_orbax_dir(path):
         params, dtype = restore_params(path, config, dtype, shardings=shardings)
     else:

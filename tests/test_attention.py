@@ -8,8 +8,8 @@ import torch
 import jax
 import jax.numpy as jnp
 
-from idefics2_jax import attention
-from idefics2_jax.attention import dot_product_attention
+from idefics2_jax.nn import attention
+from idefics2_jax.nn.attention import dot_product_attention
 
 
 def _reference(q, k, v, mask, scale):

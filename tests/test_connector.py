@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from idefics2_jax.connector import Connector
+from idefics2_jax.nn.connector import Connector
 
 
 def test_connector_parity(tiny_torch, tiny_jax):

@@ -26,7 +26,7 @@ from safetensors.numpy import load_file, save_file
 import idefics2_jax
 from convert import ConversionError, convert_hf_to_orbax
 from convert.__main__ import main as convert_main
-from idefics2_jax.checkpoint import MANIFEST, is_orbax_dir, restore_params
+from idefics2_jax.ckpt.orbax import MANIFEST, is_orbax_dir, restore_params
 from idefics2_jax.config import Idefics2Config
 
 import reference as R
@@ -149,7 +149,7 @@ def test_restore_into_shardings_on_two_devices(bf16_dir, tmp_path):
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
         from flax.traverse_util import flatten_dict
         import idefics2_jax
-        from idefics2_jax.checkpoint import restore_params
+        from idefics2_jax.ckpt.orbax import restore_params
         from idefics2_jax.config import Idefics2Config
         assert len(jax.devices()) == 2
         mesh = Mesh(np.array(jax.devices()), ("model",))
@@ -167,7 +167,7 @@ def test_restore_into_shardings_on_two_devices(bf16_dir, tmp_path):
             for shard in a.addressable_shards:
                 np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(ref[key])[shard.index])
         try:
-            from idefics2_jax.sharding import param_shardings  # noqa: F401
+            from idefics2_jax.ckpt.placement import param_shardings  # noqa: F401
         except ImportError:
             pass
         else:
@@ -294,12 +294,12 @@ def test_python_api_raises_conversion_error(tmp_path):
 # temporary directory holds written data, and the whole conversion would take > 10 s.
 _SLOW_CHILD = """
 import sys, time
-import convert.safetensors_stream as s
-read = s.StreamingReader.read
+import idefics2_jax.ckpt.safetensors as s
+read = s.SafetensorsReader.read
 def slow_read(self, *args, **kwargs):
     time.sleep(0.1)
     return read(self, *args, **kwargs)
-s.StreamingReader.read = slow_read
+s.SafetensorsReader.read = slow_read
 from convert.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -347,7 +347,7 @@ def test_streaming_save_is_a_plain_orbax_checkpoint(tmp_path):
     """Slab-written leaves (odd row counts, transposed axis, 0-d) read back with stock Orbax, no idefics2 code."""
     import orbax.checkpoint as ocp
 
-    from idefics2_jax.checkpoint import LazyLeaf, save_params_streaming
+    from idefics2_jax.ckpt.orbax import LazyLeaf, save_params_streaming
 
     rng = np.random.default_rng(0)
     arrays = {("a", "w"): rng.standard_normal((37, 5), np.float32), ("b",): np.float32(3.5),

@@ -16,7 +16,9 @@ import pytest
 import torch
 
 import reference
-from idefics2_jax.generate import GenerationConfig, bucket, compiled_program_count, generate, patch_bucket
+from idefics2_jax.generation import GenerationConfig, generate
+from idefics2_jax.generation.batching import bucket, patch_bucket
+from idefics2_jax.generation.loop import compiled_program_count
 
 WINDOW = reference.tiny_config_dict()["text_config"]["sliding_window"]
 SEQ = reference.tiny_config_dict()["perceiver_config"]["resampler_n_latents"]  # <image> tokens per image
@@ -144,7 +146,7 @@ def test_far_past_the_window_with_a_window_sized_cache(tiny_torch, tiny_jax, mon
 
     import idefics2_jax
 
-    gen = importlib.import_module("idefics2_jax.generate")  # the package attribute `generate` is the function
+    gen = importlib.import_module("idefics2_jax.generation.loop")  # where the prefill program creates its cache
 
     model, params = tiny_jax
     slots = []

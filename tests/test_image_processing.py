@@ -11,7 +11,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(__file__))
 
 import preprocessing_fixtures as fx  # noqa: E402
-from idefics2_jax.image_processing import Idefics2ImageProcessor, resize_output_size, split_boxes  # noqa: E402
+from idefics2_jax.processing.image_processing import Idefics2ImageProcessor, resize_output_size, split_boxes  # noqa: E402
 
 STEP = 1 / 127.5  # one 8-bit step after normalisation to [-1, 1]
 

@@ -12,8 +12,10 @@ import torch
 from transformers import generation as hf
 
 import reference
-from idefics2_jax.generate import (_Spec, apply_bad_words, apply_repetition_penalty, apply_temperature, apply_top_k,
-                                   apply_top_p, generate, process_logits, sample)
+from idefics2_jax.generation import generate
+from idefics2_jax.generation.loop import _Spec, process_logits
+from idefics2_jax.generation.processors import (apply_bad_words, apply_repetition_penalty, apply_temperature,
+                                                apply_top_k, apply_top_p, sample)
 
 VOCAB = 1000
 

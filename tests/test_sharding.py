@@ -36,7 +36,7 @@ def _abstract(**sizes):
 def test_logical_to_spec_divisibility_and_missing_axes():
     from jax.sharding import PartitionSpec as P
 
-    from idefics2_jax.sharding import DEFAULT_RULES, logical_to_spec
+    from idefics2_jax.nn.partitioning import DEFAULT_RULES, logical_to_spec
 
     mesh = _abstract(data=2, fsdp=2, model=4)
     assert logical_to_spec(("embed", "heads"), mesh, DEFAULT_RULES, (4096, 4096)) == P("fsdp", "model")
@@ -65,8 +65,8 @@ def test_logical_to_spec_divisibility_and_missing_axes():
 
 
 def test_every_logical_name_has_a_rule():
-    from idefics2_jax import sharding as S
-    from idefics2_jax.weights import WEIGHT_TABLE
+    from idefics2_jax.ckpt.table import WEIGHT_TABLE
+    from idefics2_jax.nn import partitioning as S
 
     names = {a for rule in WEIGHT_TABLE for a in rule.axes if a is not None}
     names |= {a for axes in (S.HIDDEN_AXES, S.LOGITS_AXES, S.CACHE_KV_AXES, *S.INPUT_AXES.values()) for a in axes}
@@ -81,8 +81,9 @@ def test_real_config_param_specs_split_every_large_weight():
     import math
 
     from idefics2_jax.config import Idefics2Config
-    from idefics2_jax.sharding import param_specs, shard_shape
-    from idefics2_jax.weights import param_shapes
+    from idefics2_jax.ckpt.placement import param_specs
+    from idefics2_jax.ckpt.shapes import param_shapes
+    from idefics2_jax.nn.partitioning import shard_shape
 
     config = Idefics2Config.from_json_file(os.path.join(ROOT, "tests", "data", "idefics2-8b.config.json"))
     mesh = _abstract(data=1, fsdp=1, model=8)
@@ -99,7 +100,7 @@ def test_real_config_param_specs_split_every_large_weight():
 def test_constrain_is_a_noop_without_a_mesh():
     import jax.numpy as jnp
 
-    from idefics2_jax.sharding import constrain
+    from idefics2_jax.nn.partitioning import constrain
 
     x = jnp.ones((2, 3, 4))
     assert constrain(x, ("batch", "length", "act_embed")) is x
@@ -240,13 +241,14 @@ def _greedy(model, params, batch, n_new, mesh=None):
     import jax
     import jax.numpy as jnp
 
-    from idefics2_jax import sharding as S
+    from idefics2_jax.ckpt.placement import init_cache
+    from idefics2_jax.nn.partitioning import shard_batch
 
     cfg = model.config.text_config
     b, t = batch["input_ids"].shape
-    cache = S.init_cache(cfg, b, t + n_new, jnp.float32)  # sharded when a mesh is active, else text.init_cache
+    cache = init_cache(cfg, b, t + n_new, jnp.float32)  # sharded when a mesh is active, else text.init_cache
     if mesh is not None:
-        batch = S.shard_batch(batch, mesh)
+        batch = shard_batch(batch, mesh)
     pos = np.maximum(np.cumsum(batch["attention_mask"], axis=1) - 1, 0)
 
     @jax.jit
@@ -277,7 +279,7 @@ def _run_worker(root: str) -> None:
     from flax.traverse_util import flatten_dict
 
     import idefics2_jax
-    from idefics2_jax import sharding as S
+    from idefics2_jax.nn import partitioning as S
 
     assert len(jax.devices()) == 8, jax.devices()
     hf, orbax = os.path.join(root, "hf"), os.path.join(root, "orbax")
@@ -293,7 +295,7 @@ def _run_worker(root: str) -> None:
     ref = np.asarray(jax.jit(logits_fn)(params, forward_batch))
     ref_tokens, ref_step_logits, _, _ = _greedy(model, params, gen_batch, N_NEW)
     results = {"reference_tokens": ref_tokens.tolist(), "meshes": {}}
-    from idefics2_jax.generate import generate
+    from idefics2_jax.generation import generate
 
     def run_generate(p):
         try:

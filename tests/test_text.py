@@ -5,8 +5,8 @@ import numpy as np
 import torch
 from transformers import masking_utils
 
-from idefics2_jax.attention import sliding_window_mask
-from idefics2_jax.text import DecoderLayer, rope
+from idefics2_jax.nn.attention import sliding_window_mask
+from idefics2_jax.nn.text import DecoderLayer, rope
 
 
 def test_sliding_window_mask_matches_5x_rule():

@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 import preprocessing_fixtures as fx  # noqa: E402
-from idefics2_jax.tokenizer import Idefics2Tokenizer  # noqa: E402
+from idefics2_jax.processing.tokenizer import Idefics2Tokenizer  # noqa: E402
 
 CORPUS = [
     "",

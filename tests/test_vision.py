@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers.models.idefics2 import modeling_idefics2 as hf
 
-from idefics2_jax.attention import patch_mask
-from idefics2_jax.vision import VisionEmbeddings, VisionTransformer, position_ids
+from idefics2_jax.nn.attention import patch_mask
+from idefics2_jax.nn.vision import VisionEmbeddings, VisionTransformer, position_ids
 
 
 def _torch_position_ids(num_side, masks):

@@ -15,7 +15,8 @@ from safetensors.numpy import load_file, save_file
 
 import idefics2_jax
 from idefics2_jax import Idefics2Config
-from idefics2_jax.weights import abstract_params, checkpoint_entries, flax_shape
+from idefics2_jax.ckpt.shapes import abstract_params
+from idefics2_jax.ckpt.table import checkpoint_entries, flax_shape
 
 import reference as R
 

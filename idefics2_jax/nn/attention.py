@@ -129,16 +129,16 @@ def key_padding_mask(valid):
 
 
 def patch_mask(pixel_attention_mask, patch_size: int):
-    """Pixel mask [n, H, W] -> patch mask [n, H // P, W // P].
+    """Pixel mask [..., H, W] -> patch mask [..., H // P, W // P] (numpy in, numpy out; otherwise jax).
 
     A patch is valid iff all P*P of its pixels are (the reference's rule since 4.45: `sum == P*P`; the older `> 0`
     rule made answers depend on batch padding). Pixels past (H // P) * P are ignored, as the valid conv does.
     """
-    n, h, w = pixel_attention_mask.shape
+    xp = np if isinstance(pixel_attention_mask, np.ndarray) else jnp
+    *lead, h, w = pixel_attention_mask.shape
     hp, wp = h // patch_size, w // patch_size
-    m = jnp.asarray(pixel_attention_mask)[:, : hp * patch_size, : wp * patch_size].astype(jnp.int32)
-    m = m.reshape(n, hp, patch_size, wp, patch_size)
-    return m.sum(axis=(2, 4)) == patch_size * patch_size
+    m = xp.asarray(pixel_attention_mask)[..., : hp * patch_size, : wp * patch_size].astype(bool)
+    return m.reshape(*lead, hp, patch_size, wp, patch_size).all(axis=(-3, -1))
 
 
 def sliding_window_mask(q_positions, k_positions, window: int | None):

@@ -29,8 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import Idefics2Config
-from .weights import abstract_params, resolve_dtype
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from ..config import Idefics2Config
+from .dtypes import resolve_dtype
+from .shapes import abstract_params
 
 PARAMS_DIR = "params"
 MANIFEST = "idefics2_checkpoint.json"
@@ -168,7 +171,6 @@ def save_params_streaming(directory, leaves: Mapping[tuple, LazyLeaf], *, on_lea
     `directory` once complete).
     """
     import orbax.checkpoint as ocp
-    from flax.traverse_util import unflatten_dict
 
     cancel = cancel or threading.Event()
     handler = _streaming_handler_cls()(on_leaf=on_leaf, cancel=cancel, chunk_bytes=chunk_bytes)
@@ -233,7 +235,6 @@ def restore_params(path, config: Idefics2Config, dtype=None, shardings: Mapping 
     to the default device.
     """
     import orbax.checkpoint as ocp
-    from flax.traverse_util import flatten_dict, unflatten_dict
 
     path = os.fspath(path)
     manifest = read_manifest(path)
@@ -263,7 +264,6 @@ def restore_params(path, config: Idefics2Config, dtype=None, shardings: Mapping 
 
 def _check_stored_tree(params_dir: str, metadata, expected: Mapping[tuple, jax.ShapeDtypeStruct]) -> None:
     """Raise a ValueError naming the first param that is missing, unexpected or wrongly shaped."""
-    from flax.traverse_util import flatten_dict
 
     tree = getattr(metadata, "item_metadata", metadata)  # Checkpointer.metadata -> StepMetadata -> TreeMetadata
     tree = getattr(tree, "tree", tree)

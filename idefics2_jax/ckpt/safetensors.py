@@ -1,6 +1,6 @@
-"""A safetensors reader for conversion: validates every file up front, then reads one tensor at a time with `pread`.
+"""The one safetensors reader: validates every file up front, then reads one tensor (or slab) at a time with `pread`.
 
-Why not the memory-mapped `safetensors.safe_open` (what `idefics2_jax.weights.SafetensorsReader` uses)? Pages of a
+Loading, conversion and the tests all read through it. Why not the memory-mapped `safetensors.safe_open`? Pages of a
 mapping that have been touched stay in the process's resident set until the file is closed, so streaming through a
 33.6 GB checkpoint that way still ends with tens of GB of RSS, which is what gets a Colab or TPU-VM process killed.
 Reading with `os.preadinto`-style calls into a fresh buffer keeps the resident set at one tensor; the page cache
@@ -21,8 +21,6 @@ import struct
 
 import ml_dtypes
 import numpy as np
-
-from idefics2_jax.weights import safetensors_files
 
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 
@@ -46,6 +44,28 @@ class TensorInfo:
     nbytes: int
 
 
+def safetensors_files(path: str) -> list[str]:
+    """The checkpoint's safetensors files: `model.safetensors`, or the shards named by the index."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index, encoding="utf-8") as f:
+            try:
+                weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise SafetensorsFormatError(f"{index}: not a valid safetensors index ({e})") from None
+        files = []
+        for name in dict.fromkeys(weight_map.values()):
+            file = os.path.join(path, name)
+            if not os.path.exists(file):
+                raise SafetensorsFormatError(f"{file}: shard named in model.safetensors.index.json is missing")
+            files.append(file)
+        return files
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+
 def read_header(file: str) -> dict[str, TensorInfo]:
     """Parse and validate one file's header against its size; raise SafetensorsFormatError naming the file."""
     try:
@@ -57,7 +77,8 @@ def read_header(file: str) -> dict[str, TensorInfo]:
             (n,) = struct.unpack("<Q", head)
             if n > _MAX_HEADER or 8 + n > size:
                 raise SafetensorsFormatError(
-                    f"{file}: corrupt or truncated safetensors file (header length {n}, file size {size})")
+                    f"{file}: not a readable safetensors file (corrupt or truncated: header length {n}, "
+                    f"file size {size})")
             raw = f.read(n)
     except OSError as e:
         raise SafetensorsFormatError(f"{file}: cannot be read ({e.strerror or e})") from None
@@ -93,18 +114,16 @@ def read_header(file: str) -> dict[str, TensorInfo]:
     return out
 
 
-class StreamingReader:
+class SafetensorsReader:
     """All tensors of an HF checkpoint directory (single file or index + shards), read one at a time.
 
-    Same query interface as `idefics2_jax.weights.SafetensorsReader` (`keys`, `shape`, `dtype`), so `check_keys`
-    and `checkpoint_dtype` work on it; `read` returns a fresh, writable array owned by the caller.
+    `keys`, `shape` and `dtype` answer from the validated headers; `read` (and `get`, `get_slice`) return a fresh,
+    writable array owned by the caller. A directory without weights raises FileNotFoundError; a corrupt or missing
+    file, a SafetensorsFormatError (a ValueError) naming it.
     """
 
     def __init__(self, path: str):
-        try:
-            self.files = safetensors_files(path)
-        except (FileNotFoundError, ValueError) as e:
-            raise SafetensorsFormatError(str(e)) from None
+        self.files = safetensors_files(path)
         self.tensors: dict[str, TensorInfo] = {}
         for file in self.files:
             for key, info in read_header(file).items():
@@ -166,3 +185,14 @@ class StreamingReader:
         finally:
             os.close(fd)
         return out
+
+    def get(self, key: str) -> np.ndarray:
+        return self.read(key)
+
+    def get_slice(self, key: str, index: tuple) -> np.ndarray:
+        """`tensor[index]` for a tuple of slices, reading only the rows that `index[0]` selects."""
+        rows = index[0] if index else slice(None)
+        start, stop, step = rows.indices(self.tensors[key].shape[0]) if self.tensors[key].shape else (0, 0, 1)
+        if step != 1:
+            raise ValueError(f"tensor {key!r}: only contiguous row slices can be read")
+        return self.read(key, start, stop)[(slice(None),) + tuple(index[1:])]

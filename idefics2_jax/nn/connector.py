@@ -8,9 +8,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from .attention import dot_product_attention, key_padding_mask
-from .config import Idefics2Config, PerceiverConfig
+from ..config import Idefics2Config, PerceiverConfig
 from .layers import GatedMLP, RMSNorm, dense
-from .sharding import constrain
+from .partitioning import constrain
 
 Dtype = Any
 

@@ -16,9 +16,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from .attention import dot_product_attention, sliding_window_mask
-from .config import TextConfig
+from ..config import TextConfig
 from .layers import GatedMLP, RMSNorm, dense
-from .sharding import HIDDEN_AXES, constrain, constrain_cache
+from .partitioning import HIDDEN_AXES, constrain, constrain_cache
 
 Dtype = Any
 
@@ -135,29 +135,44 @@ class TextModel(nn.Module):
     def embed(self, input_ids):
         return self.embed_tokens(input_ids)
 
-    def __call__(self, x, positions, token_valid, cache_positions, cache=None, fresh_cache: bool = False):
+    MODES = ("forward", "prefill", "decode", "extend")
+
+    def __call__(self, x, positions, token_valid, cache_positions, cache=None, mode: str = "forward"):
         """x [B, T, D] embeddings; positions [B, T] RoPE positions; token_valid [B, T] bool (the attention mask);
-        cache_positions [T] index of each token in the padded sequence; fresh_cache: the tokens start a new sequence
-        (the cache's old entries are ignored, not attended). Returns (hidden [B, T, D], new cache)."""
+        cache_positions [T] index of each token in the padded sequence. Returns (hidden [B, T, D], new cache).
+
+        mode (named by the caller, never inferred from shapes):
+          "forward"  no cache (the training / scoring pass);
+          "prefill"  the tokens start a new sequence in `cache`: they attend among themselves only, and the
+                     cache's old entries are dropped;
+          "decode"   one token per row: written into its ring slot first, then attending over the ring alone;
+          "extend"   any number of tokens appended after the cache's entries ([old cache ; new tokens]).
+        """
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
+        if (cache is None) != (mode == "forward"):
+            raise ValueError(f"mode {mode!r} {'needs' if cache is None else 'takes no'} KV cache")
+        if mode == "decode" and cache_positions.shape[0] != 1:
+            raise ValueError(f"mode 'decode' takes one token per row, got {cache_positions.shape[0]}")
         window = self.config.sliding_window
         mask = sliding_window_mask(cache_positions, cache_positions, window) & token_valid[:, None, :]
         slots = None
         attend = "both"
-        if cache is not None and fresh_cache:
+        if mode == "prefill":
             # A prompt into an empty cache (generate's prefill): attend over the new tokens alone, then write them.
             size = cache["pos"].shape[0]
             slots = cache_positions[-min(cache_positions.shape[0], size):] % size
             attend = "new"
-        elif cache is not None and cache_positions.shape[0] == 1:
-            # One token (a decode step): write it into its ring slot first, then attend over the ring alone. Exact:
-            # the overwritten slot held position p - S, which is outside the window when S = W and empty when
-            # S = max_length > p (init_cache's contract). Saves concatenating [cache ; new] in every layer.
+        elif mode == "decode":
+            # Write the token into its ring slot first, then attend over the ring alone. Exact: the overwritten
+            # slot held position p - S, which is outside the window when S = W and empty when S = max_length > p
+            # (init_cache's contract). Saves concatenating [cache ; new] in every layer.
             meta = update_cache_meta(cache, cache_positions, token_valid)
             mask = sliding_window_mask(cache_positions, meta["pos"], window) & (meta["pos"] >= 0)[None, :]
             mask = mask[None] & meta["valid"][:, None, :]
             slots = cache_positions % cache["pos"].shape[0]
             attend = "ring"
-        elif cache is not None:
+        elif mode == "extend":
             old = sliding_window_mask(cache_positions, cache["pos"], window) & (cache["pos"] >= 0)[None, :]
             old = old[None] & cache["valid"][:, None, :]
             mask = jnp.concatenate([old, mask], axis=-1)
@@ -172,6 +187,6 @@ class TextModel(nn.Module):
         x = self.norm(x)
         if cache is None:
             return x, None
-        if fresh_cache:  # nothing from before this sequence stays visible
+        if mode == "prefill":  # nothing from before this sequence stays visible
             cache = {**cache, "pos": jnp.full_like(cache["pos"], -1), "valid": jnp.zeros_like(cache["valid"])}
         return x, constrain_cache({**update_cache_meta(cache, cache_positions, token_valid), "layers": new_layers})

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from .attention import dot_product_attention, key_padding_mask
-from .config import VisionConfig
+from ..config import VisionConfig
 from .layers import activation, dense
-from .sharding import constrain
+from .partitioning import constrain
 
 Dtype = Any
 

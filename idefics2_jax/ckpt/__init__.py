@@ -1,0 +1,1 @@
+"""Checkpoints: the one weight table, the safetensors reader, Hugging Face loading, Orbax, and placement on meshes."""
