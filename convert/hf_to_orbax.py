@@ -5,7 +5,7 @@ Three phases, so that a bad input costs nothing and an interrupted run leaves no
 1. plan (`plan_conversion`): parse config.json, every safetensors header and the index, and check every key and
    shape against the weight table. User errors surface here as `ConversionError`, before anything is written.
 2. write: into a temporary sibling of DST (`.NAME.convert-tmp-PID-XXXX`), params streamed tensor by tensor through
-   `idefics2_jax.checkpoint.save_params_streaming`, then the side files, then the manifest.
+   `idefics2_jax.ckpt.orbax.save_params_streaming`, then the side files, then the manifest.
 3. publish: one rename of the temporary directory to DST. Any exception or signal before that removes the
    temporary directory; a run killed outright (SIGKILL) leaves one that the next conversion to the same DST removes.
 """

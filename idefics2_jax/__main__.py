@@ -235,7 +235,7 @@ def run_generate(args) -> int:
         model, params, inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"),
         inputs.get("pixel_attention_mask"), max_new_tokens=args.max_new_tokens, do_sample=args.sample,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, seed=args.seed, streamer=streamer, generation_config=model_dir,
+        repetition_penalty=args.repetition_penalty, seed=args.seed, streamer=streamer,
         stream_every=args.stream_every, compilation_cache=False)
     t_total = time.perf_counter() - t0
     if args.timing:

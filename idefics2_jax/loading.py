@@ -9,6 +9,7 @@ from .ckpt.hf import load_hf_params
 from .ckpt.orbax import is_orbax_dir, restore_params
 from .ckpt.placement import param_shardings
 from .config import Idefics2Config
+from .generation.options import GenerationConfig
 from .nn.model import Idefics2ForConditionalGeneration
 
 
@@ -20,7 +21,8 @@ def load_model(path, dtype=None, mesh=None, *, attention_impl: str | None = None
     dtype: None keeps the checkpoint's dtype; "float32" / "bfloat16" / "float16" or a numpy/jax dtype.
     mesh: a `jax.sharding.Mesh` to place each parameter directly in its sharding (see `idefics2_jax.nn.partitioning`).
     rules: the logical-axis rules table for `mesh` (default `nn.partitioning.DEFAULT_RULES`).
-    Returns (model, params) for `model.apply({"params": params}, ...)`.
+    Returns (model, params) for `model.apply({"params": params}, ...)`; `model.generation_config` holds the
+    checkpoint's generation_config.json, which `generate` uses by default.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -34,5 +36,7 @@ def load_model(path, dtype=None, mesh=None, *, attention_impl: str | None = None
         params, dtype = restore_params(path, config, dtype, shardings=shardings)
     else:
         params, dtype = load_hf_params(path, config, dtype, shardings=shardings)
-    model = Idefics2ForConditionalGeneration(config, dtype=dtype, attention_impl=attention_impl)
+    generation_config = GenerationConfig.from_pretrained(path)  # generation_config.json, else config.json's ids
+    model = Idefics2ForConditionalGeneration(config, dtype=dtype, attention_impl=attention_impl,
+                                             generation_config=generation_config)
     return model, params

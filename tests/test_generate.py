@@ -195,6 +195,33 @@ def test_generation_config_falls_back_to_config_json(tiny_dir, tiny_torch, tmp_p
     assert ours.bos_token_id == theirs.bos_token_id
 
 
+def test_load_model_keeps_the_checkpoints_generation_config(tiny_dir, tiny_torch, tmp_path):
+    """`generate` without `generation_config=` uses the generation_config.json that load_model read, as
+    transformers' `generate` uses the checkpoint's: here a bad word bans the plain greedy answer's first token."""
+    import shutil
+
+    import transformers
+
+    import idefics2_jax
+
+    path = tmp_path / "m"
+    shutil.copytree(tiny_dir, path)
+    rng = np.random.default_rng(7)
+    ids = np.asarray([[1] + list(rng.integers(3, 32000, 20))])
+    plain = hf_generate(tiny_torch, {"input_ids": ids}, max_new_tokens=6, eos_token_id=None, pad_token_id=0)
+    banned = int(plain[0, ids.shape[1]])
+    transformers.GenerationConfig(bos_token_id=1, eos_token_id=[2], pad_token_id=0,
+                                  bad_words_ids=[[banned]]).save_pretrained(path)
+    model, params = idefics2_jax.load_model(path)
+    assert model.generation_config == GenerationConfig.from_pretrained(path)
+    assert model.generation_config.bad_words_ids == ((banned,),)
+    ours = generate(model, params, ids, max_new_tokens=6)
+    theirs = hf_generate(tiny_torch, {"input_ids": ids}, max_new_tokens=6,
+                         generation_config=transformers.GenerationConfig.from_pretrained(path))
+    np.testing.assert_array_equal(ours, theirs)
+    assert ours[0, ids.shape[1]] != banned
+
+
 def test_compilations_are_bounded_across_varied_requests(tiny_torch, tiny_jax):
     """20 requests with prompt lengths 17..48 and 0-2 images of varied sizes compile at most one prefill program
     per (prompt bucket, image-count bucket) -- here 3 x 3 -- plus one decode program (the cache is the 16-slot

@@ -280,3 +280,21 @@ def test_runs_without_torch_or_transformers(hf_dir):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_reads_what_transformers_save_pretrained_writes(ref, photos, tmp_path):
+    """transformers >= 5.24 writes processor_config.json with the image processor nested in it, tokenizer.json
+    (no tokenizer.model) and chat_template.jinja, and no preprocessor_config.json: loaded as transformers loads it."""
+    from transformers import AutoProcessor
+
+    ref.save_pretrained(tmp_path)
+    assert not (tmp_path / "preprocessor_config.json").exists()
+    assert not (tmp_path / "tokenizer.model").exists()
+    theirs = AutoProcessor.from_pretrained(tmp_path)
+    loaded = Idefics2Processor.from_pretrained(tmp_path)
+    for messages in CHATS[:2]:
+        prompt = theirs.apply_chat_template(messages, add_generation_prompt=True)
+        assert loaded.apply_chat_template(messages, add_generation_prompt=True) == prompt
+        images = [photos["chelsea.png"], photos["rocket.jpg"], photos["coffee.png"]][:prompt.count("<image>")]
+        assert_same(theirs(text=prompt, images=images, return_tensors="np"),
+                    loaded(text=prompt, images=images, return_tensors="np"))

@@ -58,7 +58,8 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, p
       streamer: an object with `put(ids)` / `end()` (transformers' streamer protocol, e.g. `TextStreamer`): it gets
         the prompt [B, T] first, then each step's new tokens [B] (pad for finished rows), then `end()`.
       generation_config: a `GenerationConfig`, a dict, or a checkpoint directory to read generation_config.json from;
-        None = the model config's special tokens (transformers' fallback when a checkpoint has no such file).
+        None = `model.generation_config` (what `load_model` read from the checkpoint), else the model config's
+        special tokens (transformers' fallback when a checkpoint has no such file).
       buckets: round shapes up (see the module docstring) so varied requests share compiled programs.
       stream_every: with a streamer, tokens generated per compiled call (None: adapted so a call lasts about
         STREAM_INTERVAL_S). Calls are pipelined (the next is queued before the previous one's tokens are read), so
@@ -71,25 +72,60 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, p
     if compilation_cache:
         enable_compilation_cache_once()
     config: Idefics2Config = model.config
-    if generation_config is None:
-        gen = GenerationConfig.from_model_config(config)
-    elif isinstance(generation_config, GenerationConfig):
-        gen = generation_config
-    elif isinstance(generation_config, dict):
-        gen = GenerationConfig.from_dict(generation_config)
-    else:
-        gen = GenerationConfig.from_pretrained(generation_config)
-
+    gen = _resolve_generation_config(model, generation_config)
     ids = np.asarray(input_ids)
     pixel_values = None if pixel_values is None else np.asarray(pixel_values)
     validate_inputs(config, ids, attention_mask, pixel_values, pixel_attention_mask)
-    b, t = ids.shape
-    if t == 0:
+    if ids.shape[1] == 0:
         raise ValueError("input_ids is empty: generation needs at least one prompt token")
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
     max_new_tokens = int(max_new_tokens)
+    spec, opts, pad = _sampling(gen, config, do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id,
+                           pad_token_id, bad_words_ids)
+    if attention_mask is None:  # transformers infers it from the pad token when that is not also EOS
+        infer = pad is not None and np.any(ids == pad) and pad not in spec.eos
+        mask = (ids != pad) if infer else np.ones_like(ids, bool)
+    else:
+        mask = np.asarray(attention_mask).astype(bool)
 
+    if streamer is not None:
+        streamer.put(ids.copy())
+    if max_new_tokens == 0:
+        if streamer is not None:
+            streamer.end()
+        return ids.copy()
+
+    rup = bucket if buckets else (lambda n, minimum=1: int(n))
+    batch, cache_len, new_len = _host_batch(config, spec, ids, mask, pixel_values, pixel_attention_mask,
+                                            max_new_tokens, seed, rup, buckets)
+    b = ids.shape[0]
+    # ---- run (params sharded on a mesh: run on it, with the rules' activation and KV-cache shardings)
+    with mesh_context(params):
+        state, snap = _prefill(params, batch, opts, model=model, spec=spec, cache_len=cache_len, new_len=new_len)
+        if streamer is None:
+            state, snap = _decode(params, state, np.int32(max_new_tokens), opts, model=model, spec=spec)
+            tokens = np.asarray(snap[0])
+        else:
+            tokens = _stream(streamer, params, state, snap, opts, model, spec, b, max_new_tokens, stream_every)
+    return np.concatenate([ids, tokens[:b, :max_new_tokens].astype(ids.dtype)], axis=1)
+
+
+def _resolve_generation_config(model, generation_config) -> GenerationConfig:
+    if generation_config is None:
+        return getattr(model, "generation_config", None) or GenerationConfig.from_model_config(model.config)
+    if isinstance(generation_config, GenerationConfig):
+        return generation_config
+    if isinstance(generation_config, dict):
+        return GenerationConfig.from_dict(generation_config)
+    return GenerationConfig.from_pretrained(generation_config)
+
+
+def _sampling(gen: GenerationConfig, config: Idefics2Config, do_sample, temperature, top_k, top_p,
+              repetition_penalty, eos_token_id, pad_token_id, bad_words_ids) -> tuple[_Spec, dict, int | None]:
+    """Resolve the options (arguments over generation_config over transformers' defaults) and check them.
+    Returns the static switches of the programs (`_Spec`), their runtime values, and the pad id (None if unset:
+    finished rows then get 0)."""
     do_sample = bool(_pick(do_sample, gen.do_sample))
     temperature = float(_pick(temperature, gen.temperature))
     top_k = int(_pick(top_k, gen.top_k) or 0)
@@ -113,36 +149,27 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, p
     too_big = sorted({tok for w in bad for tok in w if tok >= vocab})
     if too_big:
         raise ValueError(f"bad_words_ids has ids {too_big} outside the vocabulary (size {vocab})")
+    spec = _Spec(do_sample=do_sample, top_k_top_p=do_sample and (top_k > 0 or top_p < 1), penalty=penalty != 1.0,
+                 eos=eos, pad=int(pad if pad is not None else 0),
+                 bad_single=tuple(sorted({w[0] for w in bad if len(w) == 1})),
+                 bad_multi=tuple(w for w in bad if len(w) > 1))
+    opts = {"temperature": np.float32(temperature), "top_k": np.int32(top_k), "top_p": np.float32(top_p),
+            "repetition_penalty": np.float32(penalty)}
+    return spec, opts, pad
 
-    if attention_mask is None:
-        infer = pad is not None and np.any(ids == pad) and pad not in eos
-        mask = (ids != pad) if infer else np.ones_like(ids, bool)
-    else:
-        mask = np.asarray(attention_mask).astype(bool)
 
-    if streamer is not None:
-        streamer.put(ids.copy())
-    if max_new_tokens == 0:
-        if streamer is not None:
-            streamer.end()
-        return ids.copy()
-
-    # ---- shapes
-    rup = bucket if buckets else (lambda n, minimum=1: int(n))
+def _host_batch(config: Idefics2Config, spec: _Spec, ids, mask, pixel_values, pixel_attention_mask,
+                max_new_tokens: int, seed: int, rup, buckets: bool) -> tuple[dict, int, int]:
+    """The bucketed prefill inputs, built with numpy only (no eager device ops, which would compile per shape).
+    Returns (batch, cache slots, new-token budget)."""
+    b, t = ids.shape
     bb, tb, nb = rup(b), rup(t, MIN_PROMPT_BUCKET), rup(max_new_tokens, MIN_NEW_BUCKET)
     window = config.text_config.sliding_window
     cache_len = rup(tb + nb)
     if window is not None:
         cache_len = min(window, cache_len)
-    spec = _Spec(do_sample=do_sample, top_k_top_p=do_sample and (top_k > 0 or top_p < 1), penalty=penalty != 1.0,
-                 eos=eos, pad=int(pad if pad is not None else 0), bad_single=tuple(sorted({w[0] for w in bad
-                                                                                           if len(w) == 1})),
-                 bad_multi=tuple(w for w in bad if len(w) > 1))
-
-    # ---- host-side batch (numpy only: no eager device ops, which would compile per shape)
     shift = tb - t
-    fill = spec.pad
-    bids = np.full((bb, tb), fill, np.int32)
+    bids = np.full((bb, tb), spec.pad, np.int32)
     bids[:b, shift:] = ids
     bmask = np.zeros((bb, tb), bool)
     bmask[:b, shift:] = mask
@@ -163,23 +190,11 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, p
         ctx[:b, ctx.shape[1] - t:] = ids
         batch["context"] = ctx[:, -p:]
     if pixel_values is not None and pixel_values.shape[1] > 0:
-        n = pixel_values.shape[1]
         vc = config.vision_config
         batch["image_groups"], batch["image_mask"] = image_groups(
             pixel_values, pixel_attention_mask, vc.patch_size, vc.image_size // vc.patch_size, rows=bb,
-            slots=rup(n), buckets=buckets)
-    opts = {"temperature": np.float32(temperature), "top_k": np.int32(top_k), "top_p": np.float32(top_p),
-            "repetition_penalty": np.float32(penalty)}
-
-    # ---- run (params sharded on a mesh: run on it, with the rules' activation and KV-cache shardings)
-    with mesh_context(params):
-        state, snap = _prefill(params, batch, opts, model=model, spec=spec, cache_len=cache_len, new_len=nb)
-        if streamer is None:
-            state, snap = _decode(params, state, np.int32(max_new_tokens), opts, model=model, spec=spec)
-            tokens = np.asarray(snap[0])
-        else:
-            tokens = _stream(streamer, params, state, snap, opts, model, spec, b, max_new_tokens, stream_every)
-    return np.concatenate([ids, tokens[:b, :max_new_tokens].astype(ids.dtype)], axis=1)
+            slots=rup(pixel_values.shape[1]), buckets=buckets)
+    return batch, cache_len, nb
 
 
 def _stream(streamer, params, state, snap, opts, model, spec, b, max_new_tokens, every):

@@ -134,11 +134,14 @@ class Idefics2ForConditionalGeneration(nn.Module):
 
     dtype: compute (and parameter) dtype; norms and softmax run in float32 as in the reference.
     attention_impl: passed to `jax.nn.dot_product_attention` (None = XLA; "cudnn" on GPU).
+    generation_config: the checkpoint's generation_config.json as a `GenerationConfig` (None: the config's ids).
     """
 
     config: Idefics2Config
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
+    # The checkpoint's `generation.GenerationConfig` (set by `load_model`), the defaults `generate` uses.
+    generation_config: Any = None
 
     def setup(self):
         cfg = self.config

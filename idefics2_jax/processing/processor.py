@@ -21,13 +21,12 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from .image_processing import Idefics2ImageProcessor, _as_tensors, _is_image, load_pil
+from .image_processing import PROCESSOR_CONFIG, Idefics2ImageProcessor, _as_tensors, _is_image, load_pil
 from .tokenizer import Idefics2Tokenizer
 
 FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
 IMAGE_TOKEN = "<image>"
 END_OF_UTTERANCE_TOKEN = "<end_of_utterance>"
-PROCESSOR_CONFIG = "processor_config.json"
 
 # The template published with idefics2-8b (hub processor_config.json; also transformers 4.40's default).
 DEFAULT_CHAT_TEMPLATE = (
