@@ -76,19 +76,13 @@ def write_checkpoint(path: str, config_dict: dict, shard_bytes: int = 1 << 30, s
     """Write random fp32 safetensors shards + index + config.json, one tensor in memory at a time."""
     import numpy as np
 
+    from idefics2_jax.ckpt.safetensors import plan_shards
+
     os.makedirs(path)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config_dict, f, indent=2)
     shapes = hf_shapes(config_dict)
-    shards, cur, size = [], [], 0
-    for key, shape in shapes.items():
-        n = 4 * math.prod(shape)
-        if cur and size + n > shard_bytes:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append(key)
-        size += n
-    shards.append(cur)
+    shards = plan_shards({key: 4 * math.prod(shape) for key, shape in shapes.items()}, shard_bytes)
     rng = np.random.default_rng(seed)
     weight_map, total = {}, 0
     for i, keys in enumerate(shards):
@@ -154,8 +148,7 @@ def main(argv=None) -> int:
                 target = (1 << 30) + 2 * info["largest_tensor"]
                 rows.append(dict(width=args.width, size_bytes=info["bytes"], tensors=info["tensors"],
                                  shards=info["shards"], text_layers=layers, largest_tensor=info["largest_tensor"],
-                                 dtype=dtype,
-                                 peak_rss=rss, baseline_rss=base, target=target, seconds=seconds,
+                                 dtype=dtype, peak_rss=rss, baseline_rss=base, target=target, seconds=seconds,
                                  mb_per_s=info["bytes"] / 1e6 / seconds, ok=rss < target,
                                  load_peak_rss=load_rss))
                 shutil.rmtree(dst)

@@ -2,7 +2,7 @@
 
 from .config import Idefics2Config, PerceiverConfig, TextConfig, VisionConfig
 from .generation import GenerationConfig, TextStreamer, generate
-from .loading import load_model
+from .loading import load_model, save_pretrained
 from .nn.model import Idefics2ForConditionalGeneration, Idefics2Output
 from .processing import Idefics2ImageProcessor, Idefics2Processor, Idefics2Tokenizer
 
@@ -14,6 +14,7 @@ __all__ = [
     "Idefics2ForConditionalGeneration",
     "Idefics2Output",
     "load_model",
+    "save_pretrained",
     "Idefics2ImageProcessor",
     "Idefics2Processor",
     "Idefics2Tokenizer",

@@ -60,9 +60,9 @@ def _sentencepiece_model() -> str:
     try:
         import mistral_common
     except ImportError:
-        raise CliError("building the tiny checkpoint needs the Mistral tokenizer.model that ships in the "
-                       "`mistral-common` package; install it (pip install mistral-common) or pass --model DIR"
-                       ) from None
+        message = ("building the tiny checkpoint needs the Mistral tokenizer.model that ships in the "
+                   "`mistral-common` package; install it (pip install mistral-common) or pass --model DIR")
+        raise CliError(message) from None
     path = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
     if not os.path.isfile(path):
         raise CliError(f"mistral-common is installed but does not ship {path}; pass --model DIR instead")

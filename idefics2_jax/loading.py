@@ -1,11 +1,12 @@
-"""`load_model`: an HF checkpoint directory (or a converted Orbax directory) -> (model, params)."""
+"""`load_model`: an HF checkpoint directory (or a converted Orbax directory) -> (model, params);
+`save_pretrained`: the way back to an HF directory that transformers loads."""
 
 from __future__ import annotations
 
 import os
 
 from .ckpt.dtypes import resolve_dtype
-from .ckpt.hf import load_hf_params
+from .ckpt.hf import load_hf_params, save_hf_checkpoint
 from .ckpt.orbax import is_orbax_dir, restore_params
 from .ckpt.placement import param_shardings
 from .config import Idefics2Config
@@ -40,3 +41,25 @@ def load_model(path, dtype=None, mesh=None, *, attention_impl: str | None = None
     model = Idefics2ForConditionalGeneration(config, dtype=dtype, attention_impl=attention_impl,
                                              generation_config=generation_config)
     return model, params
+
+
+def save_pretrained(directory, model, params, processor=None, generation_config=None, max_shard_size="5GB",
+                    dtype=None, *, overwrite: bool = False) -> list[str]:
+    """Write an HF checkpoint directory that `transformers.Idefics2ForConditionalGeneration.from_pretrained` and
+    `load_model` read: safetensors weights (one `model.safetensors`, or shards of at most `max_shard_size` with an
+    index), config.json, generation_config.json (`generation_config`, default `model.generation_config`, else the
+    config's special ids) and, with `processor`, its tokenizer, image processor and chat template files.
+
+    dtype: None keeps the params' dtype; "float32" / "bfloat16" / "float16" casts on the way out. The directory is
+    written beside `directory` and renamed into place; an existing one is replaced only with overwrite=True, and
+    only if it holds a config.json. Returns the file names in the directory.
+    """
+    gen = generation_config or getattr(model, "generation_config", None) or \
+        GenerationConfig.from_model_config(model.config)
+    if isinstance(gen, dict):
+        gen = GenerationConfig.from_dict(gen)
+    extra = {"generation_config.json": gen.to_dict()}
+    if processor is not None:
+        extra["processor"] = processor.save_pretrained
+    return save_hf_checkpoint(directory, model.config, params, dtype=dtype, max_shard_size=max_shard_size,
+                              extra_files=extra, overwrite=overwrite)

@@ -195,6 +195,20 @@ def test_generation_config_falls_back_to_config_json(tiny_dir, tiny_torch, tmp_p
     assert ours.bos_token_id == theirs.bos_token_id
 
 
+def test_ids_outside_the_vocabulary_raise(tiny_jax):
+    """Prompts are bucketed with the pad id, so a pad (or an input id) outside the vocabulary would give NaN logits
+    and an all-0 answer in silence."""
+    model, params = tiny_jax
+    vocab = model.config.text_config.vocab_size
+    ids = np.asarray([[1, 5, 6, 7]])
+    with pytest.raises(ValueError, match=f"pad_token_id {vocab} is outside the vocabulary"):
+        generate(model, params, ids, max_new_tokens=2, pad_token_id=vocab)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        generate(model, params, ids, max_new_tokens=2, eos_token_id=[2, vocab + 5])
+    with pytest.raises(ValueError, match=r"input_ids\[0, 2\] = -3 is outside"):
+        generate(model, params, np.asarray([[1, 5, -3, 7]]), max_new_tokens=2)
+
+
 def test_load_model_keeps_the_checkpoints_generation_config(tiny_dir, tiny_torch, tmp_path):
     """`generate` without `generation_config=` uses the generation_config.json that load_model read, as
     transformers' `generate` uses the checkpoint's: here a bad word bans the plain greedy answer's first token."""

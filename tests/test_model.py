@@ -139,6 +139,23 @@ def test_pixel_values_wrong_rank_raises(tiny_jax, batch):
         model.apply({"params": params}, batch["input_ids"], pixel_values=batch["pixel_values"][:, 0])
 
 
+def test_out_of_vocabulary_ids_and_non_finite_pixels_raise(tiny_jax, batch):
+    """Without the check an id >= vocab gives NaN logits and a negative one reads another embedding row (jnp's
+    negative indexing), NaN pixels an empty answer: all silently wrong."""
+    model, params = tiny_jax
+    vocab = model.config.text_config.vocab_size
+    for value in (vocab, -1):
+        ids = batch["input_ids"].copy()
+        ids[1, -1] = value
+        with pytest.raises(ValueError, match=rf"input_ids\[1, {ids.shape[1] - 1}\] = {value} is outside"):
+            model.apply({"params": params}, **{**batch, "input_ids": ids})
+    for value in (np.nan, np.inf):
+        pv = batch["pixel_values"].copy()
+        pv[2, 0, 1, 3, 4] = value
+        with pytest.raises(ValueError, match=r"pixel_values\[2, 0\] has NaN or infinite"):
+            model.apply({"params": params}, **{**batch, "pixel_values": pv})
+
+
 def test_padding_image_slots_anywhere_are_ignored(tiny_jax):
     """An all-zero image is padding wherever it sits (the reference drops it); features stay in order."""
     model, params = tiny_jax

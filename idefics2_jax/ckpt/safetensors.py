@@ -196,3 +196,44 @@ class SafetensorsReader:
         if step != 1:
             raise ValueError(f"tensor {key!r}: only contiguous row slices can be read")
         return self.read(key, start, stop)[(slice(None),) + tuple(index[1:])]
+
+
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+def write_safetensors(file: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> int:
+    """Write `tensors` (in the given key order) as one safetensors file, a tensor at a time; returns its size.
+
+    The layout the safetensors library writes: the header JSON padded with spaces to a multiple of 8 bytes, then
+    the data in header order.
+    """
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for key, array in tensors.items():
+        dtype = np.dtype(array.dtype)
+        if dtype not in _NAMES:
+            raise ValueError(f"tensor {key!r}: dtype {dtype} cannot be written to safetensors")
+        header[key] = {"dtype": _NAMES[dtype], "shape": list(array.shape),
+                       "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for array in tensors.values():
+            f.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+    return 8 + len(raw) + offset
+
+
+def plan_shards(nbytes: dict[str, int], limit: int) -> list[list[str]]:
+    """Split tensors (in order) into shards of at most `limit` bytes, as transformers' `max_shard_size` does (a
+    tensor larger than the limit gets a shard of its own)."""
+    shards, current, size = [], [], 0
+    for key, n in nbytes.items():
+        if current and size + n > limit:
+            shards.append(current)
+            current, size = [], 0
+        current.append(key)
+        size += n
+    return shards + [current] if current else shards

@@ -143,9 +143,14 @@ def _sampling(gen: GenerationConfig, config: Idefics2Config, do_sample, temperat
     pad = pad_token_id if pad_token_id is not None else gen.pad_token_id
     if pad is None and eos:
         pad = eos[0]  # transformers' rule
+    vocab = config.text_config.vocab_size
+    for name, ids in (("pad_token_id", () if pad is None else (pad,)), ("eos_token_id", eos)):
+        if any(not 0 <= int(t) < vocab for t in ids):
+            # Prompts are bucketed with the pad id: one outside the vocabulary would give NaN logits in silence.
+            raise ValueError(f"{name} {list(ids) if name == 'eos_token_id' else pad} is outside the vocabulary "
+                             f"[0, {vocab})")
     bad = _check_bad_words(bad_words_ids) if bad_words_ids is not None else gen.bad_words_ids
     bad = tuple(w for w in bad if not (len(w) == 1 and w[0] in eos))  # EOS is never banned
-    vocab = config.text_config.vocab_size
     too_big = sorted({tok for w in bad for tok in w if tok >= vocab})
     if too_big:
         raise ValueError(f"bad_words_ids has ids {too_big} outside the vocabulary (size {vocab})")

@@ -58,6 +58,20 @@ class GenerationConfig:
             kw["bad_words_ids"] = tuple(tuple(int(t) for t in w) for w in d["bad_words_ids"])
         return cls(**kw)
 
+    def to_dict(self) -> dict:
+        """generation_config.json as transformers writes it: the fields that differ from its defaults."""
+        out: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value == field.default or value is None or value == ():
+                continue
+            if field.name == "eos_token_id":
+                value = value[0] if len(value) == 1 else list(value)
+            elif field.name == "bad_words_ids":
+                value = [list(w) for w in value]
+            out[field.name] = value
+        return out
+
     @classmethod
     def from_model_config(cls, config: Idefics2Config) -> "GenerationConfig":
         """What transformers uses when a checkpoint has no generation_config.json: the text config's special ids."""

@@ -70,6 +70,20 @@ def validate_inputs(config: Idefics2Config, input_ids, attention_mask=None, pixe
             if tuple(np.shape(pixel_attention_mask)) != expect:
                 raise ValueError(f"pixel_attention_mask must have shape {expect} for pixel_values of shape "
                                  f"{np.shape(pixel_values)}, got {np.shape(pixel_attention_mask)}")
+    if _is_concrete(input_ids) and np.size(input_ids):
+        ids = np.asarray(input_ids)
+        vocab = config.text_config.vocab_size
+        bad = np.argwhere((ids < 0) | (ids >= vocab))
+        if bad.size:  # an id >= vocab gives NaN logits under jit, a negative one wraps to another embedding row
+            i, j = bad[0]
+            raise ValueError(f"input_ids[{i}, {j}] = {ids[i, j]} is outside the vocabulary [0, {vocab}) "
+                             f"({len(bad)} such ids)")
+    if pixel_values is not None and _is_concrete(pixel_values):
+        finite = np.isfinite(np.asarray(pixel_values)).all(axis=(2, 3, 4))
+        if not finite.all():
+            i, j = np.argwhere(~finite)[0]
+            raise ValueError(f"pixel_values[{i}, {j}] has NaN or infinite values (the image would give an empty or "
+                             "garbage answer)")
     images, source = None, "pixel_values"
     if image_hidden_states is not None:
         if pixel_values is not None:
