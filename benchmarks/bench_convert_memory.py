@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     workdir = tempfile.mkdtemp(prefix="bench_convert_", dir=args.workdir)
     rows = []
     try:
-        base, _ = peak_rss([sys.executable, "-c", "import jax, orbax.checkpoint, idefics2_jax, convert.hf_to_orbax"])
+        base, _ = peak_rss([sys.executable, "-c", "import jax, orbax.checkpoint, idefics2_jax.ckpt.convert"])
         for gb in args.sizes_gb:
             layers = layers_for(gb * 1e9, args.width)
             src = os.path.join(workdir, f"src_{gb:g}gb")

@@ -13,7 +13,7 @@ import time
 
 from tqdm import tqdm
 
-from .hf_to_orbax import ConversionError, convert_hf_to_orbax, plan_conversion
+from idefics2_jax.ckpt.convert import ConversionError, convert_hf_to_orbax, plan_conversion
 
 DESCRIPTION = """\
 Convert an Idefics2 checkpoint between formats.

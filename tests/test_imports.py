@@ -83,7 +83,8 @@ GRAPH = {m: sorted({name for name, _ in _imports(m, p)} - {m}) for m, p in MODUL
 def test_the_scan_sees_the_layers():
     assert "idefics2_jax.nn.model" in GRAPH["idefics2_jax.ckpt.shapes"]
     assert "idefics2_jax.nn.partitioning" in GRAPH["idefics2_jax.nn.text"]
-    assert "idefics2_jax.ckpt.safetensors" in GRAPH["convert.hf_to_orbax"]
+    assert "idefics2_jax.ckpt.safetensors" in GRAPH["idefics2_jax.ckpt.convert"]
+    assert "idefics2_jax.ckpt.convert" in GRAPH["convert.__main__"]
     assert "idefics2_jax.processing.tokenizer" in GRAPH["idefics2_jax.processing.processor"]
 
 

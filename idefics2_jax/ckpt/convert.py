@@ -26,12 +26,12 @@ from typing import Callable
 
 import numpy as np
 
-from idefics2_jax.ckpt.dtypes import checkpoint_dtype, resolve_dtype
-from idefics2_jax.ckpt.hf import check_keys
-from idefics2_jax.ckpt.orbax import CHUNK_BYTES, PARAMS_DIR, LazyLeaf, save_params_streaming, write_manifest
-from idefics2_jax.ckpt.safetensors import SafetensorsReader
-from idefics2_jax.ckpt.table import flax_shape, hf_leading_axis, to_flax
-from idefics2_jax.config import Idefics2Config
+from .dtypes import checkpoint_dtype, resolve_dtype
+from .hf import check_keys
+from .orbax import CHUNK_BYTES, PARAMS_DIR, LazyLeaf, save_params_streaming, write_manifest
+from .safetensors import SafetensorsReader
+from .table import flax_shape, hf_leading_axis, to_flax
+from ..config import Idefics2Config
 
 # Everything besides the weights that `load_model` and `Idefics2Processor.from_pretrained` read.
 SIDE_FILES = (
