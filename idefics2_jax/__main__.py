@@ -17,7 +17,8 @@ import time
 from .ckpt.shapes import param_shapes
 from .ckpt.table import checkpoint_entries, hf_shape
 from .config import Idefics2Config
-from .generation import TextStreamer, generate
+from .generation import GenerationConfig, TextStreamer, generate
+from .generation.api import check_options
 from .generation.loop import enable_compilation_cache
 from .loading import load_model
 from .processing import DEFAULT_CHAT_TEMPLATE, Idefics2Processor, load_image_file
@@ -196,6 +197,16 @@ def run_generate(args) -> int:
     random_weights = os.path.isfile(os.path.join(model_dir, RANDOM_WEIGHTS_MARKER))
     if args.max_new_tokens < 1:
         raise CliError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    try:
+        config = Idefics2Config.from_pretrained(model_dir)
+        generation_config = GenerationConfig.from_pretrained(model_dir)
+    except (ValueError, OSError, NotImplementedError) as e:  # invalid JSON, another model_type, ...
+        raise CliError(f"cannot read the configs in {model_dir}: {e}") from None
+    try:  # the checks `generate` makes, before anything heavy is loaded
+        check_options(config, generation_config, do_sample=args.sample, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+    except ValueError as e:
+        raise CliError(f"invalid sampling option: {e}") from None
     images = _open_images(args.image or [])
 
     try:
@@ -206,7 +217,6 @@ def run_generate(args) -> int:
     prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     inputs = processor(text=prompt, images=images or None, return_tensors="np")
 
-    config = Idefics2Config.from_pretrained(model_dir)
     n_prompt = inputs["input_ids"].shape[1]
     limit = args.max_length or config.text_config.max_position_embeddings
     if n_prompt + args.max_new_tokens > limit:

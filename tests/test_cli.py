@@ -1,6 +1,7 @@
 """`python -m idefics2_jax demo` / `generate` end to end, against transformers' own processor + generate on the same
 tiny checkpoint (which the demo writes without torch or transformers)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -111,3 +112,36 @@ def test_clear_errors(demo_dir, image_path, tmp_path, capsys):
     long_prompt = ["generate", "--model", demo_dir, "--image", image_path, "--prompt", "word " * 2100,
                    "--compilation-cache", ""]
     fails(long_prompt, "does not fit")
+
+
+def test_bad_flags_and_configs_fail_in_one_line_before_loading(demo_dir, image_path, tmp_path, capsys, monkeypatch):
+    """Invalid sampling flags and unreadable configs are one `error:` line, raised before any weights load."""
+    import shutil
+
+    import idefics2_jax.__main__ as cli
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("load_model must not run for a bad flag")
+
+    monkeypatch.setattr(cli, "load_model", no_load)
+
+    def fails(args, message):
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+
+    base = ["generate", "--model", demo_dir, "--image", image_path, "--prompt", PROMPT, "--compilation-cache", ""]
+    fails(base + ["--sample", "--temperature", "0"], "temperature must be > 0")
+    fails(base + ["--top-k", "-3"], "top_k must be >= 0")
+    fails(base + ["--sample", "--top-p", "2"], "top_p must be in [0, 1]")
+    fails(base + ["--repetition-penalty", "0"], "repetition_penalty must be > 0")
+    for name, text in (("invalid", "{not json"), ("llama", None)):
+        broken = tmp_path / name
+        shutil.copytree(demo_dir, broken)
+        if text is None:
+            config = json.loads((broken / "config.json").read_text())
+            config["model_type"] = "llama"
+            text = json.dumps(config)
+        (broken / "config.json").write_text(text)
+        fails(["generate", "--model", str(broken), "--prompt", PROMPT, "--compilation-cache", ""],
+              "cannot read the configs")

@@ -111,6 +111,16 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, p
     return np.concatenate([ids, tokens[:b, :max_new_tokens].astype(ids.dtype)], axis=1)
 
 
+def check_options(model_config: Idefics2Config, generation_config: GenerationConfig | None = None, *,
+                  do_sample=None, temperature=None, top_k=None, top_p=None, repetition_penalty=None,
+                  eos_token_id=None, pad_token_id=None, bad_words_ids=None) -> None:
+    """Raise the ValueError `generate` would raise for these options, without a model (a CLI checks its flags
+    before loading weights)."""
+    gen = generation_config or GenerationConfig.from_model_config(model_config)
+    _sampling(gen, model_config, do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id,
+              pad_token_id, bad_words_ids)
+
+
 def _resolve_generation_config(model, generation_config) -> GenerationConfig:
     if generation_config is None:
         return getattr(model, "generation_config", None) or GenerationConfig.from_model_config(model.config)
