@@ -10,7 +10,7 @@ from .ckpt.hf import load_hf_params, save_hf_checkpoint
 from .ckpt.orbax import is_orbax_dir, restore_params
 from .ckpt.placement import param_shardings
 from .config import Idefics2Config
-from .generation.options import GenerationConfig
+from .generation.options import GenerationConfig, resolve_generation_config
 from .nn.model import Idefics2ForConditionalGeneration
 
 
@@ -54,11 +54,7 @@ def save_pretrained(directory, model, params, processor=None, generation_config=
     written beside `directory` and renamed into place; an existing one is replaced only with overwrite=True, and
     only if it holds a config.json. Returns the file names in the directory.
     """
-    gen = generation_config or getattr(model, "generation_config", None) or \
-        GenerationConfig.from_model_config(model.config)
-    if isinstance(gen, dict):
-        gen = GenerationConfig.from_dict(gen)
-    extra = {"generation_config.json": gen.to_dict()}
+    extra = {"generation_config.json": resolve_generation_config(model, generation_config).to_dict()}
     if processor is not None:
         extra["processor"] = processor.save_pretrained
     return save_hf_checkpoint(directory, model.config, params, dtype=dtype, max_shard_size=max_shard_size,

@@ -55,7 +55,7 @@ def load_hf_params(path: str, config: Idefics2Config, dtype=None, shardings=None
         if shardings is not None and entry.path in shardings:
             flat[entry.path] = _place_sharded(reader, entry, dtype, shardings[entry.path])
         else:
-            flat[entry.path] = jnp.asarray(to_flax(reader.get(key), entry.transform), dtype=dtype)
+            flat[entry.path] = jnp.asarray(to_flax(reader.read(key), entry.transform), dtype=dtype)
     return unflatten_dict(flat), dtype
 
 

@@ -117,7 +117,7 @@ def read_header(file: str) -> dict[str, TensorInfo]:
 class SafetensorsReader:
     """All tensors of an HF checkpoint directory (single file or index + shards), read one at a time.
 
-    `keys`, `shape` and `dtype` answer from the validated headers; `read` (and `get`, `get_slice`) return a fresh,
+    `keys`, `shape` and `dtype` answer from the validated headers; `read` (and `get_slice`) return a fresh,
     writable array owned by the caller. A directory without weights raises FileNotFoundError; a corrupt or missing
     file, a SafetensorsFormatError (a ValueError) naming it.
     """
@@ -185,9 +185,6 @@ class SafetensorsReader:
         finally:
             os.close(fd)
         return out
-
-    def get(self, key: str) -> np.ndarray:
-        return self.read(key)
 
     def get_slice(self, key: str, index: tuple) -> np.ndarray:
         """`tensor[index]` for a tuple of slices, reading only the rows that `index[0]` selects."""

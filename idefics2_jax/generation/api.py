@@ -13,7 +13,7 @@ from ..nn.model import validate_inputs
 from ..nn.partitioning import mesh_context
 from .batching import MIN_NEW_BUCKET, MIN_PROMPT_BUCKET, bucket, image_groups
 from .loop import _Spec, _decode, _prefill, enable_compilation_cache_once
-from .options import GenerationConfig, token_ids
+from .options import GenerationConfig, resolve_generation_config, token_ids
 
 # With a streamer, each compiled decode call runs about this long (see `generate`'s `stream_every`).
 STREAM_INTERVAL_S = 0.05
@@ -72,7 +72,7 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, p
     if compilation_cache:
         enable_compilation_cache_once()
     config: Idefics2Config = model.config
-    gen = _resolve_generation_config(model, generation_config)
+    gen = resolve_generation_config(model, generation_config)
     ids = np.asarray(input_ids)
     pixel_values = None if pixel_values is None else np.asarray(pixel_values)
     validate_inputs(config, ids, attention_mask, pixel_values, pixel_attention_mask)
@@ -81,8 +81,8 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, p
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
     max_new_tokens = int(max_new_tokens)
-    spec, opts, pad = _sampling(gen, config, do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id,
-                           pad_token_id, bad_words_ids)
+    spec, opts, pad = _sampling(gen, config, do_sample, temperature, top_k, top_p, repetition_penalty,
+                                eos_token_id, pad_token_id, bad_words_ids)
     if attention_mask is None:  # transformers infers it from the pad token when that is not also EOS
         infer = pad is not None and np.any(ids == pad) and pad not in spec.eos
         mask = (ids != pad) if infer else np.ones_like(ids, bool)
@@ -96,9 +96,8 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, p
             streamer.end()
         return ids.copy()
 
-    rup = bucket if buckets else (lambda n, minimum=1: int(n))
     batch, cache_len, new_len = _host_batch(config, spec, ids, mask, pixel_values, pixel_attention_mask,
-                                            max_new_tokens, seed, rup, buckets)
+                                            max_new_tokens, seed, buckets)
     b = ids.shape[0]
     # ---- run (params sharded on a mesh: run on it, with the rules' activation and KV-cache shardings)
     with mesh_context(params):
@@ -119,16 +118,6 @@ def check_options(model_config: Idefics2Config, generation_config: GenerationCon
     gen = generation_config or GenerationConfig.from_model_config(model_config)
     _sampling(gen, model_config, do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id,
               pad_token_id, bad_words_ids)
-
-
-def _resolve_generation_config(model, generation_config) -> GenerationConfig:
-    if generation_config is None:
-        return getattr(model, "generation_config", None) or GenerationConfig.from_model_config(model.config)
-    if isinstance(generation_config, GenerationConfig):
-        return generation_config
-    if isinstance(generation_config, dict):
-        return GenerationConfig.from_dict(generation_config)
-    return GenerationConfig.from_pretrained(generation_config)
 
 
 def _sampling(gen: GenerationConfig, config: Idefics2Config, do_sample, temperature, top_k, top_p,
@@ -174,9 +163,10 @@ def _sampling(gen: GenerationConfig, config: Idefics2Config, do_sample, temperat
 
 
 def _host_batch(config: Idefics2Config, spec: _Spec, ids, mask, pixel_values, pixel_attention_mask,
-                max_new_tokens: int, seed: int, rup, buckets: bool) -> tuple[dict, int, int]:
+                max_new_tokens: int, seed: int, buckets: bool) -> tuple[dict, int, int]:
     """The bucketed prefill inputs, built with numpy only (no eager device ops, which would compile per shape).
     Returns (batch, cache slots, new-token budget)."""
+    rup = bucket if buckets else (lambda n, minimum=1: int(n))
     b, t = ids.shape
     bb, tb, nb = rup(b), rup(t, MIN_PROMPT_BUCKET), rup(max_new_tokens, MIN_NEW_BUCKET)
     window = config.text_config.sliding_window

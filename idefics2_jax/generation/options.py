@@ -99,3 +99,15 @@ class GenerationConfig:
 
 def load_generation_config(path: str | os.PathLike) -> GenerationConfig:
     return GenerationConfig.from_pretrained(path)
+
+
+def resolve_generation_config(model, generation_config=None) -> GenerationConfig:
+    """What `generate` (and `save_pretrained`) use: `generation_config` (a GenerationConfig, a dict, or a checkpoint
+    directory); else `model.generation_config` (what `load_model` read); else the model config's special ids."""
+    if generation_config is None:
+        return getattr(model, "generation_config", None) or GenerationConfig.from_model_config(model.config)
+    if isinstance(generation_config, GenerationConfig):
+        return generation_config
+    if isinstance(generation_config, dict):
+        return GenerationConfig.from_dict(generation_config)
+    return GenerationConfig.from_pretrained(generation_config)

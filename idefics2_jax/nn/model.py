@@ -70,16 +70,18 @@ def validate_inputs(config: Idefics2Config, input_ids, attention_mask=None, pixe
             if tuple(np.shape(pixel_attention_mask)) != expect:
                 raise ValueError(f"pixel_attention_mask must have shape {expect} for pixel_values of shape "
                                  f"{np.shape(pixel_values)}, got {np.shape(pixel_attention_mask)}")
-    if _is_concrete(input_ids) and np.size(input_ids):
-        ids = np.asarray(input_ids)
+    # The values, once on the host, where they are known (not under jit).
+    ids = np.asarray(input_ids) if _is_concrete(input_ids) else None
+    pixels = np.asarray(pixel_values) if pixel_values is not None and _is_concrete(pixel_values) else None
+    if ids is not None:
         vocab = config.text_config.vocab_size
         bad = np.argwhere((ids < 0) | (ids >= vocab))
         if bad.size:  # an id >= vocab gives NaN logits under jit, a negative one wraps to another embedding row
             i, j = bad[0]
             raise ValueError(f"input_ids[{i}, {j}] = {ids[i, j]} is outside the vocabulary [0, {vocab}) "
                              f"({len(bad)} such ids)")
-    if pixel_values is not None and _is_concrete(pixel_values):
-        finite = np.isfinite(np.asarray(pixel_values)).all(axis=(2, 3, 4))
+    if pixels is not None:
+        finite = np.isfinite(pixels).all(axis=(2, 3, 4))
         if not finite.all():
             i, j = np.argwhere(~finite)[0]
             raise ValueError(f"pixel_values[{i}, {j}] has NaN or infinite values (the image would give an empty or "
@@ -101,13 +103,13 @@ def validate_inputs(config: Idefics2Config, input_ids, attention_mask=None, pixe
         elif _is_concrete(image_mask):
             images = np.sum(np.asarray(image_mask, bool), axis=1)
     elif pixel_values is not None:
-        if _is_concrete(pixel_values):
-            images = real_image_mask(np.asarray(pixel_values)).sum(axis=1)
+        if pixels is not None:
+            images = real_image_mask(pixels).sum(axis=1)
     else:
         images = np.zeros(b, np.int64)
-    if not check_images or images is None or not _is_concrete(input_ids):
+    if not check_images or images is None or ids is None:
         return
-    tokens = (np.asarray(input_ids) == config.image_token_id).sum(axis=1)
+    tokens = (ids == config.image_token_id).sum(axis=1)
     for i in np.flatnonzero(tokens != images * config.image_seq_len)[:1]:
         n = int(images[i])
         raise ValueError(
@@ -243,10 +245,10 @@ class Idefics2ForConditionalGeneration(nn.Module):
         by `encode_images` (as the reference's `image_hidden_states`), instead of pixel_values; slots with
         image_mask False are padding.
         """
-        input_ids = jnp.asarray(input_ids)
         validate_inputs(self.config, input_ids, attention_mask, pixel_values, pixel_attention_mask,
                         image_hidden_states, image_mask, check_images=cache is None or pixel_values is not None
                         or image_hidden_states is not None)
+        input_ids = jnp.asarray(input_ids)
         token_valid = self._token_valid(attention_mask, input_ids.shape)
         x, ok = self._embed(input_ids, pixel_values, pixel_attention_mask, image_hidden_states, image_mask)
         cache_positions = cache_index + jnp.arange(input_ids.shape[1], dtype=jnp.int32)
@@ -258,9 +260,9 @@ class Idefics2ForConditionalGeneration(nn.Module):
         """Start a sequence: the prompt [B, T] fills cache positions 0..T-1 of `cache` (`text.init_cache`; its old
         entries are dropped, never attended). Returns `Idefics2Output` with the last `logits_to_keep` logits and the
         new cache. Images as in `__call__` (pixels, or image tokens from `encode_images`)."""
-        input_ids = jnp.asarray(input_ids)
         validate_inputs(self.config, input_ids, attention_mask, pixel_values, pixel_attention_mask,
                         image_hidden_states, image_mask)
+        input_ids = jnp.asarray(input_ids)
         token_valid = self._token_valid(attention_mask, input_ids.shape)
         x, ok = self._embed(input_ids, pixel_values, pixel_attention_mask, image_hidden_states, image_mask)
         cache_positions = jnp.arange(input_ids.shape[1], dtype=jnp.int32)
@@ -270,8 +272,8 @@ class Idefics2ForConditionalGeneration(nn.Module):
         """One new token per row: token_ids [B, 1] at RoPE positions position_ids [B, 1], written at cache position
         `cache_index` (a traced scalar is fine: one program for every step). Returns `Idefics2Output` with logits
         [B, 1, V] and the updated cache."""
-        token_ids = jnp.asarray(token_ids)
         validate_inputs(self.config, token_ids, check_images=False)
+        token_ids = jnp.asarray(token_ids)
         if token_ids.shape[1] != 1:
             raise ValueError(f"decode_step takes one token per row ([batch, 1]), got shape {token_ids.shape}")
         token_valid = jnp.ones(token_ids.shape, bool)

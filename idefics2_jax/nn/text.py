@@ -51,11 +51,17 @@ def _write(buffer, new, slots):
     return buffer.at[:, slots].set(new.astype(buffer.dtype))
 
 
+def ring_slots(cache: dict, cache_positions):
+    """The slots [n] that tokens at `cache_positions` [T] (consecutive) are written to: only the last S tokens can
+    stay in an S-slot ring, the token at position p in slot p % S."""
+    size = cache["pos"].shape[0]
+    return cache_positions[-min(cache_positions.shape[0], size):] % size
+
+
 def update_cache_meta(cache: dict, cache_positions, token_valid) -> dict:
     """The cache's `pos` / `valid` after writing tokens at `cache_positions` [T] (consecutive)."""
-    size = cache["pos"].shape[0]
-    n = min(cache_positions.shape[0], size)  # only the last S tokens can stay in an S-slot ring
-    slots = cache_positions[-n:] % size
+    slots = ring_slots(cache, cache_positions)
+    n = slots.shape[0]
     return {
         "pos": cache["pos"].at[slots].set(cache_positions[-n:].astype(jnp.int32)),
         "valid": cache["valid"].at[:, slots].set(token_valid[:, -n:]),
@@ -68,9 +74,9 @@ class MistralAttention(nn.Module):
     attention_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x, positions, mask, layer_cache=None, slots=None, attend: str = "both"):
-        """attend (with a cache): "both" = [old cache entries ; new tokens], "ring" = the ring after writing the new
-        tokens into it (a decode step), "new" = the new tokens only (a prompt written into an empty cache)."""
+    def __call__(self, x, positions, mask, layer_cache=None, slots=None, mode: str = "forward"):
+        """mode (`TextModel`'s): with a cache, the new tokens are written at `slots`, then attend over
+        "prefill": themselves only; "decode": the ring just written; "extend": [old cache entries ; themselves]."""
         cfg = self.config
         b, t, _ = x.shape
         q = dense(cfg.num_attention_heads * cfg.head_dim, "q_proj", self.dtype)(x)
@@ -88,10 +94,10 @@ class MistralAttention(nn.Module):
             n = slots.shape[0]
             new_cache = {"k": _write(layer_cache["k"], k[:, -n:], slots),
                          "v": _write(layer_cache["v"], v[:, -n:], slots)}
-            if attend == "ring":
+            if mode == "decode":
                 # A decode step attends over the ring it has just written (see TextModel): no copy of the cache.
                 keys, values = new_cache["k"].astype(k.dtype), new_cache["v"].astype(v.dtype)
-            elif attend == "both":
+            elif mode == "extend":
                 # Attend over [old cache entries ; new tokens]; the mask (built by the caller from stored positions)
                 # hides empty slots, padding and anything outside the window, including the slot being overwritten.
                 keys = jnp.concatenate([layer_cache["k"].astype(k.dtype), k], axis=1)
@@ -107,11 +113,11 @@ class DecoderLayer(nn.Module):
     attention_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x, positions, mask, layer_cache=None, slots=None, attend: str = "both"):
+    def __call__(self, x, positions, mask, layer_cache=None, slots=None, mode: str = "forward"):
         cfg = self.config
         h, new_cache = MistralAttention(cfg, self.dtype, self.attention_impl, name="self_attn")(
             RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x), positions, mask, layer_cache, slots,
-            attend)
+            mode)
         x = x + h
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
         mlp = GatedMLP(cfg.intermediate_size, cfg.hidden_size, cfg.hidden_act, self.dtype, name="mlp")
@@ -156,32 +162,22 @@ class TextModel(nn.Module):
             raise ValueError(f"mode 'decode' takes one token per row, got {cache_positions.shape[0]}")
         window = self.config.sliding_window
         mask = sliding_window_mask(cache_positions, cache_positions, window) & token_valid[:, None, :]
-        slots = None
-        attend = "both"
-        if mode == "prefill":
-            # A prompt into an empty cache (generate's prefill): attend over the new tokens alone, then write them.
-            size = cache["pos"].shape[0]
-            slots = cache_positions[-min(cache_positions.shape[0], size):] % size
-            attend = "new"
-        elif mode == "decode":
+        slots = None if cache is None else ring_slots(cache, cache_positions)
+        # "prefill" (a prompt into an empty cache, generate's prefill) attends over the new tokens alone: `mask`.
+        if mode == "decode":
             # Write the token into its ring slot first, then attend over the ring alone. Exact: the overwritten
             # slot held position p - S, which is outside the window when S = W and empty when S = max_length > p
             # (init_cache's contract). Saves concatenating [cache ; new] in every layer.
             meta = update_cache_meta(cache, cache_positions, token_valid)
             mask = sliding_window_mask(cache_positions, meta["pos"], window) & (meta["pos"] >= 0)[None, :]
             mask = mask[None] & meta["valid"][:, None, :]
-            slots = cache_positions % cache["pos"].shape[0]
-            attend = "ring"
         elif mode == "extend":
             old = sliding_window_mask(cache_positions, cache["pos"], window) & (cache["pos"] >= 0)[None, :]
             old = old[None] & cache["valid"][:, None, :]
             mask = jnp.concatenate([old, mask], axis=-1)
-            size = cache["pos"].shape[0]
-            slots = cache_positions[-min(cache_positions.shape[0], size):] % size
         new_layers = []
         for i, layer in enumerate(self.layers):
-            x, layer_cache = layer(x, positions, mask, None if cache is None else cache["layers"][i], slots,
-                                   attend)
+            x, layer_cache = layer(x, positions, mask, None if cache is None else cache["layers"][i], slots, mode)
             x = constrain(x, HIDDEN_AXES)
             new_layers.append(layer_cache)
         x = self.norm(x)

@@ -22,6 +22,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .files import read_json
+
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 PROCESSOR_CONFIG = "processor_config.json"
 DEFAULT_SIZE = {"shortest_edge": 378, "longest_edge": 980}
@@ -162,16 +164,6 @@ def make_nested_images(images) -> list[list[Any]]:
 
 
 
-def _read_config(file: str) -> dict:
-    try:
-        with open(file, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{file}: not a readable JSON config ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{file}: expected a JSON object")
-    return config
-
 class Idefics2ImageProcessor:
     """Turns images into `pixel_values` (B, N, 3, H, W) float32 and `pixel_attention_mask` (B, N, H, W) int64.
 
@@ -227,16 +219,14 @@ class Idefics2ImageProcessor:
         """The settings as transformers 5.x resolves them: nested under "image_processor" in processor_config.json
         (what `save_pretrained` writes since transformers 5.24), else preprocessor_config.json (the hub's layout)."""
         path = os.fspath(path)
-        nested = os.path.join(path, PROCESSOR_CONFIG)
-        if os.path.isfile(nested):
-            config = _read_config(nested)
-            if isinstance(config.get("image_processor"), dict):
-                return cls.from_dict(config["image_processor"], **overrides)
+        nested = read_json(os.path.join(path, PROCESSOR_CONFIG)).get("image_processor")
+        if isinstance(nested, dict):
+            return cls.from_dict(nested, **overrides)
         file = os.path.join(path, PREPROCESSOR_CONFIG)
         if not os.path.isfile(file):
             raise ValueError(f"No {PREPROCESSOR_CONFIG} in {path!r}, and no \"image_processor\" settings in its "
                              f"{PROCESSOR_CONFIG}.")
-        return cls.from_dict(_read_config(file), **overrides)
+        return cls.from_dict(read_json(file), **overrides)
 
     def to_dict(self) -> dict:
         return {

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from .files import read_json
 from .image_processing import PROCESSOR_CONFIG, Idefics2ImageProcessor, _as_tensors, _is_image, load_pil
 from .tokenizer import Idefics2Tokenizer
 
@@ -36,13 +37,6 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
-
-
-def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def _plain(value: Any) -> Any:
@@ -115,7 +109,7 @@ class Idefics2Processor:
             raise ValueError(f"Processor directory not found: {path!r}")
         tokenizer = Idefics2Tokenizer.from_pretrained(path)
         image_processor = Idefics2ImageProcessor.from_pretrained(path, **image_processor_overrides)
-        config = _read_json(os.path.join(path, PROCESSOR_CONFIG))
+        config = read_json(os.path.join(path, PROCESSOR_CONFIG))
         return cls(image_processor, tokenizer, image_seq_len=config.get("image_seq_len", 64),
                    chat_template=cls._find_chat_template(path, config))
 
@@ -128,10 +122,10 @@ class Idefics2Processor:
         if os.path.isfile(jinja_file):
             with open(jinja_file, encoding="utf-8") as f:
                 return f.read()
-        template = _read_json(os.path.join(path, "chat_template.json")).get("chat_template")
+        template = read_json(os.path.join(path, "chat_template.json")).get("chat_template")
         if template:
             return template
-        template = _read_json(os.path.join(path, "tokenizer_config.json")).get("chat_template")
+        template = read_json(os.path.join(path, "tokenizer_config.json")).get("chat_template")
         return template if isinstance(template, str) and template else None
 
     def save_pretrained(self, directory: str | os.PathLike) -> list[str]:

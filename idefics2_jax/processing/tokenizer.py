@@ -37,6 +37,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from .files import read_json
+
 SPIECE_UNDERLINE = "▁"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.json")
@@ -54,13 +56,6 @@ def generate_merges(vocab: dict[str, int]) -> list[tuple[str, str]]:
               if piece[:i] in vocab and piece[i:] in vocab]
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])))
     return [(left, right) for left, right, _ in merges]
-
-
-def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def _content(token) -> str | None:
@@ -334,8 +329,8 @@ class Idefics2Tokenizer:
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise ValueError(f"Tokenizer directory not found: {path!r}")
-        config = _read_json(os.path.join(path, "tokenizer_config.json"))
-        special_map = _read_json(os.path.join(path, "special_tokens_map.json"))
+        config = read_json(os.path.join(path, "tokenizer_config.json"))
+        special_map = read_json(os.path.join(path, "special_tokens_map.json"))
         json_file = os.path.join(path, "tokenizer.json")
         model_file = os.path.join(path, "tokenizer.model")
 
@@ -362,7 +357,7 @@ class Idefics2Tokenizer:
 
         for token_id, tok in (config.get("added_tokens_decoder") or {}).items():
             added[int(token_id)] = {**tok, "id": int(token_id)}
-        for content, token_id in _read_json(os.path.join(path, "added_tokens.json")).items():
+        for content, token_id in read_json(os.path.join(path, "added_tokens.json")).items():
             added.setdefault(int(token_id), {"id": int(token_id), "content": content, "special": True})
 
         def pick(name, default=None):
@@ -401,7 +396,7 @@ class Idefics2Tokenizer:
         if not any(os.path.basename(w) in ("tokenizer.model", "tokenizer.json") for w in written):
             raise ValueError("Nothing to save: this tokenizer was not loaded from a tokenizer.model / tokenizer.json.")
         config_path = os.path.join(directory, "tokenizer_config.json")
-        config = _read_json(os.path.join(self.source_dir, "tokenizer_config.json")) if self.source_dir else {}
+        config = read_json(os.path.join(self.source_dir, "tokenizer_config.json")) if self.source_dir else {}
         config.update(self.to_config())
         with open(config_path, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
