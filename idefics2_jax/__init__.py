@@ -1,6 +1,7 @@
 """idefics2-jax: Idefics2 (SigLIP/NaViT vision tower, Perceiver resampler, Mistral-7B decoder) in JAX/Flax."""
 
 from .config import Idefics2Config, PerceiverConfig, TextConfig, VisionConfig
+from .finetune import LoraConfig, lora
 from .generation import GenerationConfig, TextStreamer, generate
 from .loading import load_model, save_pretrained
 from .nn.model import Idefics2ForConditionalGeneration, Idefics2Output
@@ -21,4 +22,6 @@ __all__ = [
     "generate",
     "GenerationConfig",
     "TextStreamer",
+    "LoraConfig",
+    "lora",
 ]

@@ -10,11 +10,12 @@ from .ckpt.hf import load_hf_params, save_hf_checkpoint
 from .ckpt.orbax import is_orbax_dir, restore_params
 from .ckpt.placement import param_shardings
 from .config import Idefics2Config
+from .finetune import lora
 from .generation.options import GenerationConfig, resolve_generation_config
 from .nn.model import Idefics2ForConditionalGeneration
 
 
-def load_model(path, dtype=None, mesh=None, *, attention_impl: str | None = None, rules=None):
+def load_model(path, dtype=None, mesh=None, *, attention_impl: str | None = None, rules=None, adapter=None):
     """Load Idefics2 weights.
 
     path: an HF checkpoint directory (config.json + model.safetensors or shards with an index), or a directory
@@ -22,6 +23,7 @@ def load_model(path, dtype=None, mesh=None, *, attention_impl: str | None = None
     dtype: None keeps the checkpoint's dtype; "float32" / "bfloat16" / "float16" or a numpy/jax dtype.
     mesh: a `jax.sharding.Mesh` to place each parameter directly in its sharding (see `idefics2_jax.nn.partitioning`).
     rules: the logical-axis rules table for `mesh` (default `nn.partitioning.DEFAULT_RULES`).
+    adapter: a PEFT LoRA adapter directory, merged into the params (`lora.merge`: W + scale * A B in float32).
     Returns (model, params) for `model.apply({"params": params}, ...)`; `model.generation_config` holds the
     checkpoint's generation_config.json, which `generate` uses by default.
     """
@@ -37,6 +39,10 @@ def load_model(path, dtype=None, mesh=None, *, attention_impl: str | None = None
         params, dtype = restore_params(path, config, dtype, shardings=shardings)
     else:
         params, dtype = load_hf_params(path, config, dtype, shardings=shardings)
+    if adapter is not None:
+        adapters, lora_config = lora.load(adapter)
+        lora.check_against(adapters, params)
+        params = lora.merge(params, adapters, lora_config)
     generation_config = GenerationConfig.from_pretrained(path)  # generation_config.json, else config.json's ids
     model = Idefics2ForConditionalGeneration(config, dtype=dtype, attention_impl=attention_impl,
                                              generation_config=generation_config)

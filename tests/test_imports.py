@@ -18,6 +18,7 @@ LAYERS = {
     "idefics2_jax.nn": 1,
     "idefics2_jax.ckpt": 2,
     "idefics2_jax.generation": 3,
+    "idefics2_jax.finetune": 3,
     "idefics2_jax.loading": 4,
     "idefics2_jax.__main__": 5,
     "idefics2_jax.sharding": 5,

@@ -8,6 +8,7 @@ rules of `idefics2_jax.nn.partitioning`).
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 
@@ -171,3 +172,20 @@ def hf_shape(flax_shape, transform: str) -> tuple:
     perm = _TO_FLAX[transform]
     return tuple(flax_shape) if perm is None else tuple(flax_shape[i] for i in np.argsort(perm))
 
+
+
+def _key_pattern(template: str):
+    return re.compile(re.escape(template).replace(re.escape("{i}"), r"(\d+)"))
+
+
+_KEY_PATTERNS = [(_key_pattern(rule.hf), rule) for rule in WEIGHT_TABLE]
+
+
+def entry_for_key(key: str) -> Entry | None:
+    """The table entry of one HF key, without a config (None for a key the table does not know)."""
+    for pattern, rule in _KEY_PATTERNS:
+        m = pattern.fullmatch(key)
+        if m:
+            path = rule.path.format(i=m.group(1)) if m.groups() else rule.path
+            return Entry(key, tuple(path.split("/")), rule.transform, rule.axes)
+    return None

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from .attention import dot_product_attention, key_padding_mask
 from ..config import Idefics2Config, PerceiverConfig
-from .layers import GatedMLP, RMSNorm, dense
+from .layers import GatedMLP, RMSNorm, dense, remat_layer, trainable_param
 from .partitioning import constrain
 
 Dtype = Any
@@ -60,15 +60,19 @@ class PerceiverResampler(nn.Module):
     config: PerceiverConfig
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
+    remat: bool = False
 
     @nn.compact
     def __call__(self, context, valid):
         cfg = self.config
-        latents = self.param("latents", nn.initializers.ones, (cfg.resampler_n_latents, cfg.hidden_size), self.dtype)
+        latents = trainable_param(
+            self, "latents", nn.initializers.ones, (cfg.resampler_n_latents, cfg.hidden_size), self.dtype
+        )
         latents = jnp.broadcast_to(latents, (context.shape[0], *latents.shape))
         valid = jnp.concatenate([valid, jnp.ones((valid.shape[0], cfg.resampler_n_latents), bool)], axis=1)
+        layer = remat_layer(PerceiverLayer, self.remat)
         for i in range(cfg.resampler_depth):
-            latents = PerceiverLayer(cfg, self.dtype, self.attention_impl, name=f"layers_{i}")(latents, context, valid)
+            latents = layer(cfg, self.dtype, self.attention_impl, name=f"layers_{i}")(latents, context, valid)
             latents = constrain(latents, ("batch", "length", "act_embed"))
         return RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(latents)
 
@@ -79,6 +83,7 @@ class Connector(nn.Module):
     config: Idefics2Config
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
+    remat: bool = False
 
     @nn.compact
     def __call__(self, features, valid):
@@ -87,5 +92,5 @@ class Connector(nn.Module):
         features = constrain(features, ("batch", "patches", "act_embed"))
         x = GatedMLP(text.intermediate_size, text.hidden_size, text.hidden_act, self.dtype,
                      name="modality_projection")(features)
-        return PerceiverResampler(self.config.perceiver_config, self.dtype, self.attention_impl,
+        return PerceiverResampler(self.config.perceiver_config, self.dtype, self.attention_impl, self.remat,
                                   name="perceiver_resampler")(x, valid)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -27,9 +28,74 @@ def activation(name: str) -> Callable:
         raise NotImplementedError(f"activation {name!r} is not implemented (known: {sorted(ACTIVATIONS)})") from None
 
 
-def dense(features: int, name: str, dtype: Dtype, use_bias: bool = False) -> nn.Dense:
-    """A Linear layer; kernel [in, out] (HF stores [out, in]), compute in `dtype`, params in their stored dtype."""
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=dtype, name=name)
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class LoraScaling:
+    """A LoRA layer's `scale` (alpha / r, or alpha / sqrt(r)) and dropout rate: static pytree data with no leaves,
+    so gradients, optimizers and `jax.tree.map` see only lora_A / lora_B."""
+
+    scale: float
+    dropout: float = 0.0
+
+
+def trainable_param(module: nn.Module, name: str, init, shape, dtype):
+    """`module.param(...)`, or its fully trained copy when the "lora" collection holds one (PEFT's modules_to_save)."""
+    value = module.param(name, init, shape, dtype)
+    if module.has_variable("lora", name):
+        value = module.get_variable("lora", name)
+    return value
+
+
+class Dense(nn.Module):
+    """A Linear layer: kernel [in, out] (HF stores [out, in]), computed as flax's `nn.Dense`.
+
+    With `{"lora": {..., "lora_A": [in, r], "lora_B": [r, out], "scaling": LoraScaling}}` for this layer it adds
+    `scale * (dropout(x) A) B` (never a merged copy of the kernel); dropout applies only when a "dropout" rng is given.
+    """
+
+    features: int
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = trainable_param(self, "kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features),
+                                 self.dtype)
+        bias = trainable_param(self, "bias", nn.initializers.zeros, (self.features,), self.dtype) \
+            if self.use_bias else None
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        if bias is not None:
+            y = y + bias
+        if self.has_variable("lora", "lora_A"):
+            a = self.get_variable("lora", "lora_A")
+            b = self.get_variable("lora", "lora_B")
+            scaling = self.get_variable("lora", "scaling")
+            h = x
+            if scaling.dropout > 0 and self.has_rng("dropout"):
+                h = nn.Dropout(scaling.dropout, deterministic=False)(h)
+            delta = (h.astype(a.dtype) @ a) @ b.astype(a.dtype)
+            y = y + (scaling.scale * delta).astype(y.dtype)
+        return y
+
+
+# What `remat=True` keeps for the backward pass: each layer's inputs only; everything inside a layer (attention
+# scores, MLP activations, norms) is recomputed. Peak activation memory then grows with one layer's internals plus
+# the residual stream per layer, for about one extra forward pass of compute.
+REMAT_POLICY = jax.checkpoint_policies.nothing_saveable
+
+
+def remat_layer(cls, remat: bool, static_argnums: tuple = ()):
+    """`cls`, or `cls` under `nn.remat` (REMAT_POLICY) when `remat`; parameter names and collections (params,
+    lora) are unchanged. static_argnums count `self` as 0."""
+    if not remat:
+        return cls
+    return nn.remat(cls, policy=REMAT_POLICY, static_argnums=static_argnums)
+
+
+def dense(features: int, name: str, dtype: Dtype, use_bias: bool = False) -> Dense:
+    """A Linear layer computing and keeping its params in `dtype` (see `Dense`)."""
+    return Dense(features, use_bias=use_bias, dtype=dtype, name=name)
 
 
 class RMSNorm(nn.Module):
@@ -40,7 +106,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        scale = trainable_param(self, "scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
         in_dtype = x.dtype
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)

@@ -15,6 +15,7 @@ from .connector import Connector
 from .attention import patch_mask
 from .partitioning import HIDDEN_AXES, LOGITS_AXES, constrain
 from .text import TextModel
+from .layers import Dense
 from .vision import VisionTransformer
 
 Dtype = Any
@@ -135,14 +136,21 @@ def merge_image_features(embeds, input_ids, features, real, image_token_id: int)
     return jnp.where(is_img[:, :, None], gathered, embeds), ok
 
 
-def causal_lm_loss(logits, labels):
-    """transformers' ForCausalLMLoss: shift by one, ignore -100, mean over the rest (NaN if nothing is left)."""
+def causal_lm_nll(logits, labels):
+    """(summed next-token NLL, number of labelled targets): shift by one, ignore -100. Sums let gradient
+    accumulation and data-parallel shards weight every token alike (transformers' `num_items_in_batch`)."""
     logits = logits[:, :-1].astype(jnp.float32)
     labels = labels[:, 1:]
     valid = labels != IGNORE_INDEX
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.sum(valid)
+    return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
+
+
+def causal_lm_loss(logits, labels):
+    """transformers' ForCausalLMLoss: shift by one, ignore -100, mean over the rest (NaN if nothing is left)."""
+    total, count = causal_lm_nll(logits, labels)
+    return total / count
 
 
 class Idefics2ForConditionalGeneration(nn.Module):
@@ -158,15 +166,16 @@ class Idefics2ForConditionalGeneration(nn.Module):
     attention_impl: str | None = None
     # The checkpoint's `generation.GenerationConfig` (set by `load_model`), the defaults `generate` uses.
     generation_config: Any = None
+    # Recompute vision, perceiver and decoder layers in the backward pass (training memory; `layers.remat_layer`).
+    remat: bool = False
 
     def setup(self):
         cfg = self.config
-        self.vision_model = VisionTransformer(cfg.vision_config, self.dtype, self.attention_impl)
-        self.connector = Connector(cfg, self.dtype, self.attention_impl)
-        self.text_model = TextModel(cfg.text_config, self.dtype, self.attention_impl)
+        self.vision_model = VisionTransformer(cfg.vision_config, self.dtype, self.attention_impl, self.remat)
+        self.connector = Connector(cfg, self.dtype, self.attention_impl, self.remat)
+        self.text_model = TextModel(cfg.text_config, self.dtype, self.attention_impl, self.remat)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Dense(cfg.text_config.vocab_size, use_bias=False, dtype=self.dtype,
-                                    param_dtype=self.dtype)
+            self.lm_head = Dense(cfg.text_config.vocab_size, dtype=self.dtype)
 
     def encode_images(self, pixel_values, pixel_attention_mask=None):
         """pixel_values [B, N, C, H, W], pixel_attention_mask [B, N, H, W] -> image tokens [B, N, n_latents, D].

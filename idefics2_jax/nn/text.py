@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from .attention import dot_product_attention, sliding_window_mask
 from ..config import TextConfig
-from .layers import GatedMLP, RMSNorm, dense
+from .layers import GatedMLP, RMSNorm, dense, remat_layer
 from .partitioning import HIDDEN_AXES, constrain, constrain_cache
 
 Dtype = Any
@@ -130,11 +130,13 @@ class TextModel(nn.Module):
     config: TextConfig
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
+    remat: bool = False  # recompute each layer in the backward pass (`layers.remat_layer`)
 
     def setup(self):
         cfg = self.config
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
-        self.layers = [DecoderLayer(cfg, self.dtype, self.attention_impl, name=f"layers_{i}")
+        layer = remat_layer(DecoderLayer, self.remat, static_argnums=(6,))  # mode (self is argument 0)
+        self.layers = [layer(cfg, self.dtype, self.attention_impl, name=f"layers_{i}")
                        for i in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype)
 

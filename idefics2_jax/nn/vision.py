@@ -10,7 +10,7 @@ import numpy as np
 
 from .attention import dot_product_attention, key_padding_mask
 from ..config import VisionConfig
-from .layers import activation, dense
+from .layers import activation, dense, remat_layer
 from .partitioning import constrain
 
 Dtype = Any
@@ -137,11 +137,13 @@ class Encoder(nn.Module):
     config: VisionConfig
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x, valid):
+        layer = remat_layer(EncoderLayer, self.remat)
         for i in range(self.config.num_hidden_layers):
-            x = EncoderLayer(self.config, self.dtype, self.attention_impl, name=f"layers_{i}")(x, valid)
+            x = layer(self.config, self.dtype, self.attention_impl, name=f"layers_{i}")(x, valid)
             x = constrain(x, ("images", "patches", "act_embed"))
         return x
 
@@ -152,10 +154,11 @@ class VisionTransformer(nn.Module):
     config: VisionConfig
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
+    remat: bool = False
 
     @nn.compact
     def __call__(self, pixels, patch_valid):
         x = VisionEmbeddings(self.config, self.dtype, name="embeddings")(pixels, patch_valid)
         valid = patch_valid.reshape(patch_valid.shape[0], -1)
-        x = Encoder(self.config, self.dtype, self.attention_impl, name="encoder")(x, valid)
+        x = Encoder(self.config, self.dtype, self.attention_impl, self.remat, name="encoder")(x, valid)
         return _layer_norm(self.config, "post_layernorm", self.dtype)(x)

@@ -439,6 +439,13 @@ class Idefics2Tokenizer:
             raise ValueError(f"Text must be a str, got {type(text).__name__}.")
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_with_offsets(self, text: str, add_special_tokens: bool = True) -> tuple[list[int], list[tuple]]:
+        """Token ids and each token's (start, end) character span in `text` (special tokens added: (0, 0))."""
+        if not isinstance(text, str):
+            raise ValueError(f"Text must be a str, got {type(text).__name__}.")
+        encoding = self._backend.encode(text, add_special_tokens=add_special_tokens)
+        return encoding.ids, [tuple(o) for o in encoding.offsets]
+
     def __call__(
         self,
         text: str | Sequence[str],
