@@ -4,6 +4,7 @@ a tiny random-weight checkpoint it builds itself, without torch or transformers)
     python -m idefics2_jax generate --model DIR --image photo.jpg --prompt "What is in this image?"
     python -m idefics2_jax demo
     python -m idefics2_jax bench --model DIR      # decode tokens/s, with and without streaming
+    python -m idefics2_jax finetune --model DIR --data train.jsonl --output OUT --steps 100   # LoRA (PEFT adapter)
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import time
 from .ckpt.shapes import param_shapes
 from .ckpt.table import checkpoint_entries, hf_shape
 from .config import Idefics2Config
+from .finetune import command as finetune_command
+from .finetune.train import TrainingDiverged
 from .generation import GenerationConfig, TextStreamer, generate
 from .generation.api import check_options
 from .generation.loop import enable_compilation_cache
@@ -326,6 +329,18 @@ def run_bench(args) -> int:
     return 0
 
 
+def run_finetune(args) -> int:
+    try:
+        result = finetune_command.run(args)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, NotImplementedError, OSError) as e:
+        raise CliError(str(e)) from None
+    finetune_command.report(result, os.path.expanduser(args.output))
+    return 0
+
+
 def jax_device() -> str:
     import jax
 
@@ -384,6 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     b.add_argument("--compilation-cache", default="default", metavar="DIR")
     b.set_defaults(func=run_bench)
+
+    f = sub.add_parser("finetune", help="LoRA (PEFT adapter) or full fine-tuning on a JSONL of TRL-format chats")
+    finetune_command.add_arguments(f)
+    f.set_defaults(func=run_finetune)
     return parser
 
 
