@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from ..ckpt.placement import shard_params
-from ..nn.model import causal_lm_nll, validate_inputs
+from ..nn.model import IGNORE_INDEX, causal_lm_nll, token_nll, validate_inputs
 from ..nn.partitioning import shard_batch, use_mesh
 from .checkpoint import TrainCheckpoints
 from .data import collate
@@ -45,6 +45,31 @@ from .lora import init as lora_init
 SCHEDULES = ("linear", "cosine", "constant")
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")
 STATE_FILE = "trainer_state.json"
+
+
+# With remat the loss runs over chunks of this many positions, each chunk's logits recomputed in the backward pass:
+# the [batch, length, vocab] float32 logits (and their log-softmax and gradient) never exist at once.
+LOSS_CHUNK = 32
+
+
+def chunked_nll(model, variables, hidden, labels, chunk: int = LOSS_CHUNK):
+    """`causal_lm_nll` of `model.logits(hidden)` computed chunk by chunk (lax.map of a rematerialised chunk):
+    the same sums, with one chunk's logits alive at a time in the forward and the backward pass."""
+    h, y = hidden[:, :-1], labels[:, 1:]
+    b, t, d = h.shape
+    n = -(-t // chunk)
+    h = jnp.pad(h, ((0, 0), (0, n * chunk - t), (0, 0)))
+    y = jnp.pad(y, ((0, 0), (0, n * chunk - t)), constant_values=IGNORE_INDEX)
+    h = h.reshape(b, n, chunk, d).swapaxes(0, 1)
+    y = y.reshape(b, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def piece(args):
+        h_c, y_c = args
+        return token_nll(model.apply(variables, h_c, method="logits"), y_c)
+
+    sums, counts = jax.lax.map(piece, (h, y))
+    return jnp.sum(sums), jnp.sum(counts)
 
 
 class TrainingDiverged(RuntimeError):
@@ -189,8 +214,10 @@ class Trainer:
         variables = self.variables(trainable, params)
         rngs = {"dropout": key} if self.dropout else {}
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-        out = self.model.apply(variables, **inputs, rngs=rngs)
-        return causal_lm_nll(out.logits, batch["labels"])
+        if not self.model.remat:
+            return causal_lm_nll(self.model.apply(variables, **inputs, rngs=rngs).logits, batch["labels"])
+        hidden = self.model.apply(variables, **inputs, rngs=rngs, return_hidden=True).hidden_states
+        return chunked_nll(self.model, variables, hidden, batch["labels"], LOSS_CHUNK)
 
     def _apply(self, trainable, opt_state, grads, count):
         grads = jax.tree.map(lambda g: g / count, grads)

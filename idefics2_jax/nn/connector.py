@@ -90,7 +90,8 @@ class Connector(nn.Module):
         text = self.config.text_config
         # The connector is tensor-parallel like the decoder: its image axis is split like the text batch.
         features = constrain(features, ("batch", "patches", "act_embed"))
-        x = GatedMLP(text.intermediate_size, text.hidden_size, text.hidden_act, self.dtype,
-                     name="modality_projection")(features)
+        # Rematerialised too: on 729 patches per image its hidden [n, 729, intermediate] is the largest activation.
+        x = remat_layer(GatedMLP, self.remat)(text.intermediate_size, text.hidden_size, text.hidden_act, self.dtype,
+                                              name="modality_projection")(features)
         return PerceiverResampler(self.config.perceiver_config, self.dtype, self.attention_impl, self.remat,
                                   name="perceiver_resampler")(x, valid)

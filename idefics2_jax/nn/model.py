@@ -24,9 +24,10 @@ IGNORE_INDEX = -100
 
 @flax.struct.dataclass
 class Idefics2Output:
-    logits: jax.Array  # [batch, seq, vocab]
+    logits: jax.Array | None  # [batch, seq, vocab] (None with return_hidden=True)
     loss: jax.Array | None = None  # scalar, when labels are given
     cache: dict | None = None  # the updated KV cache, when a cache was passed in
+    hidden_states: jax.Array | None = None  # [batch, seq, hidden]: the final (normed) states, with return_hidden
 
 
 def _is_concrete(*xs) -> bool:
@@ -139,8 +140,12 @@ def merge_image_features(embeds, input_ids, features, real, image_token_id: int)
 def causal_lm_nll(logits, labels):
     """(summed next-token NLL, number of labelled targets): shift by one, ignore -100. Sums let gradient
     accumulation and data-parallel shards weight every token alike (transformers' `num_items_in_batch`)."""
-    logits = logits[:, :-1].astype(jnp.float32)
-    labels = labels[:, 1:]
+    return token_nll(logits[:, :-1], labels[:, 1:])
+
+
+def token_nll(logits, labels):
+    """(summed NLL of `labels` under `logits`, count) for aligned logits [..., V] and labels [...]; -100 ignored."""
+    logits = logits.astype(jnp.float32)
     valid = labels != IGNORE_INDEX
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
@@ -216,11 +221,18 @@ class Idefics2ForConditionalGeneration(nn.Module):
                                          cfg.image_token_id)
         return constrain(x, HIDDEN_AXES), ok
 
-    def _decoder(self, x, ok, token_valid, position_ids, cache_positions, cache, mode, logits_to_keep, labels=None):
+    def _decoder(self, x, ok, token_valid, position_ids, cache_positions, cache, mode, logits_to_keep, labels=None,
+                 return_hidden=False):
         b, t = token_valid.shape
         if position_ids is None:
             position_ids = jnp.broadcast_to(cache_positions, (b, t))
         hidden, new_cache = self.text_model(x, jnp.asarray(position_ids), token_valid, cache_positions, cache, mode)
+        if return_hidden:
+            if labels is not None or logits_to_keep is not None:
+                raise ValueError("return_hidden computes no logits: it takes neither labels nor logits_to_keep")
+            if ok is not None:
+                hidden = jnp.where(ok[:, None, None], hidden, jnp.nan)
+            return Idefics2Output(logits=None, cache=new_cache, hidden_states=hidden)
         if logits_to_keep is not None:
             if labels is not None:
                 raise ValueError("logits_to_keep cannot be combined with labels (the loss needs every position)")
@@ -240,7 +252,7 @@ class Idefics2ForConditionalGeneration(nn.Module):
 
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, labels=None,
                  *, position_ids=None, cache=None, cache_index=0, logits_to_keep: int | None = None,
-                 image_hidden_states=None, image_mask=None):
+                 image_hidden_states=None, image_mask=None, return_hidden: bool = False):
         """The forward pass and loss (the reference's `forward`).
 
         input_ids [B, T] int; attention_mask [B, T] (1 = token, 0 = padding; default all ones);
@@ -250,6 +262,8 @@ class Idefics2ForConditionalGeneration(nn.Module):
         position of input_ids[:, 0]: the tokens attend to [cache ; themselves] and the updated cache is returned in
         `out.cache` (the "extend" mode). To start a sequence in a cache use `prefill`; for one token, `decode_step`.
         logits_to_keep: compute logits for the last N positions only; not with labels.
+        return_hidden: return the final hidden states (`out.hidden_states`) and no logits (`self.logits(h)` maps
+        them; the trainer's chunked loss uses it).
         image_hidden_states [B, N, L, D] and image_mask [B, N] bool (default all True): image tokens already computed
         by `encode_images` (as the reference's `image_hidden_states`), instead of pixel_values; slots with
         image_mask False are padding.
@@ -262,7 +276,7 @@ class Idefics2ForConditionalGeneration(nn.Module):
         x, ok = self._embed(input_ids, pixel_values, pixel_attention_mask, image_hidden_states, image_mask)
         cache_positions = cache_index + jnp.arange(input_ids.shape[1], dtype=jnp.int32)
         return self._decoder(x, ok, token_valid, position_ids, cache_positions, cache,
-                             "forward" if cache is None else "extend", logits_to_keep, labels)
+                             "forward" if cache is None else "extend", logits_to_keep, labels, return_hidden)
 
     def prefill(self, input_ids, attention_mask, position_ids, cache, *, pixel_values=None, pixel_attention_mask=None,
                 image_hidden_states=None, image_mask=None, logits_to_keep: int | None = 1):
