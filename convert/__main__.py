@@ -14,11 +14,14 @@ import time
 from tqdm import tqdm
 
 from idefics2_jax.ckpt.convert import ConversionError, convert_hf_to_orbax, plan_conversion
+from idefics2_jax.ckpt.orbax import is_orbax_dir
+from idefics2_jax.loading import export_hf
 
 DESCRIPTION = """\
 Convert an Idefics2 checkpoint between formats.
 
   python -m convert --from hf SRC DST [--dtype float32|bfloat16|float16] [--overwrite] [--quiet]
+  python -m convert --from orbax|hf --to hf SRC DST [--adapter PEFT_DIR] [--dtype ...] [--overwrite]
 
 --from hf: SRC is a local Hugging Face directory (config.json plus model.safetensors, or shards with
 model.safetensors.index.json). DST becomes a self-contained directory: the weights as an Orbax checkpoint in
@@ -31,6 +34,11 @@ stays around half a GiB whatever the size of the model. The output is written to
 and renamed at the end: if the conversion fails or is interrupted (Ctrl-C, SIGTERM) the temporary directory is
 removed and DST is as it was (absent, or the previous one with --overwrite). A run killed with SIGKILL leaves its
 temporary directory, which the next conversion to the same DST removes.
+
+--to hf: DST becomes a Hugging Face directory that transformers loads (safetensors, config.json,
+generation_config.json, the processor files of SRC); with --adapter a PEFT LoRA adapter is merged in (W + scale * A B
+in float32, modules_to_save from the adapter). The params are held in memory once (not streamed) while DST is
+written beside itself and renamed into place.
 
 Exit status: 0 success, 1 bad input or destination (one line on stderr naming the file or tensor),
 130 / 143 interrupted by SIGINT / SIGTERM.
@@ -46,10 +54,12 @@ class _Interrupted(BaseException):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m convert", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--from", dest="source_format", required=True, choices=["hf"],
-                   help="format of SRC: 'hf' = Hugging Face safetensors directory")
-    p.add_argument("--to", dest="target_format", default="orbax", choices=["orbax"],
+    p.add_argument("--from", dest="source_format", required=True, choices=["hf", "orbax"],
+                   help="format of SRC: 'hf' = Hugging Face safetensors directory, 'orbax' = converted by this tool")
+    p.add_argument("--to", dest="target_format", default="orbax", choices=["orbax", "hf"],
                    help="format of DST (default: orbax, the self-contained idefics2-jax directory)")
+    p.add_argument("--adapter", metavar="PEFT_DIR", default=None,
+                   help="with --to hf: merge this PEFT LoRA adapter into the exported weights")
     p.add_argument("src", metavar="SRC", help="source checkpoint directory")
     p.add_argument("dst", metavar="DST", help="output directory (must not exist unless --overwrite)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -113,7 +123,28 @@ def main(argv=None) -> int:
         return _run(args)
 
 
+def _export(args) -> int:
+    if args.source_format == "orbax" and not is_orbax_dir(args.src):
+        raise ValueError(f"{args.src} is not a converted (Orbax) checkpoint; use --from hf for an HF directory")
+    if args.source_format == "hf" and is_orbax_dir(args.src):
+        raise ValueError(f"{args.src} is a converted (Orbax) checkpoint; use --from orbax")
+    files = export_hf(args.src, args.dst, adapter=args.adapter, dtype=args.dtype, overwrite=args.overwrite)
+    merged = f", adapter {args.adapter} merged" if args.adapter else ""
+    print(f"wrote {os.path.abspath(args.dst)} ({len(files)} files, HF layout{merged})", flush=True)
+    return 0
+
+
 def _run(args) -> int:
+    if args.target_format == "hf":
+        try:
+            return _export(args)
+        except (ValueError, FileExistsError, FileNotFoundError, NotImplementedError) as e:
+            print(f"convert: error: {e}", file=sys.stderr)
+            return 1
+    if args.adapter is not None or args.source_format != "hf":
+        print("convert: error: --adapter and --from orbax need --to hf (the Orbax output is made from an HF "
+              "source, without merging)", file=sys.stderr)
+        return 1
     progress = None
     try:
         plan = plan_conversion(args.src, args.dtype)

@@ -13,6 +13,9 @@ from .config import Idefics2Config
 from .finetune import lora
 from .generation.options import GenerationConfig, resolve_generation_config
 from .nn.model import Idefics2ForConditionalGeneration
+from .processing import Idefics2Processor
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 def load_model(path, dtype=None, mesh=None, *, attention_impl: str | None = None, rules=None, adapter=None):
@@ -65,3 +68,24 @@ def save_pretrained(directory, model, params, processor=None, generation_config=
         extra["processor"] = processor.save_pretrained
     return save_hf_checkpoint(directory, model.config, params, dtype=dtype, max_shard_size=max_shard_size,
                               extra_files=extra, overwrite=overwrite)
+
+
+def export_hf(src, dst, *, adapter=None, dtype=None, max_shard_size="5GB", overwrite: bool = False) -> list[str]:
+    """SRC (an HF directory or a converted Orbax one) -> an HF checkpoint directory DST that transformers loads,
+    optionally with a PEFT LoRA adapter merged in (W + scale * A B in float32, then cast; modules_to_save taken from
+    the adapter): a plain Idefics2 checkpoint. The processor and tokenizer files are carried over when SRC has them.
+
+    The params are held in memory once (at their stored dtype) while DST is written; DST is written beside itself
+    and renamed into place, and an existing DST is replaced only with overwrite=True (see `save_pretrained`).
+    """
+    src, dst = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
+    if dst == src or dst.startswith(src + os.sep):
+        raise ValueError(f"DST {dst} is inside SRC {src}: write the export elsewhere")
+    if os.path.exists(dst) and not overwrite:
+        raise FileExistsError(f"{dst} exists (pass --overwrite / overwrite=True to replace it)")
+    model, params = load_model(src, adapter=adapter)
+    processor = None
+    if any(os.path.isfile(os.path.join(src, name)) for name in _TOKENIZER_FILES):
+        processor = Idefics2Processor.from_pretrained(src)
+    return save_pretrained(dst, model, params, processor, dtype=dtype, max_shard_size=max_shard_size,
+                           overwrite=overwrite)

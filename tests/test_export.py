@@ -84,3 +84,67 @@ def test_dtype_cast_and_overwrite_rules(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match="max_shard_size"):
         idefics2_jax.save_pretrained(tmp_path / "x", model, params, max_shard_size="lots")
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary directory left behind
+
+
+# ------------------------------------------------------------------------------------ python -m convert --to hf
+def _convert(*argv):
+    from convert.__main__ import main
+
+    return main([*map(str, argv), "--quiet"])
+
+
+def test_convert_to_hf_from_orbax_round_trips_bit_identically(tiny_dir, tmp_path, capsys):
+    assert _convert("--from", "hf", tiny_dir, tmp_path / "orbax") == 0
+    assert _convert("--from", "orbax", "--to", "hf", tmp_path / "orbax", tmp_path / "back") == 0
+    theirs, ours = _tensors(tiny_dir), _tensors(tmp_path / "back")
+    assert set(ours) == set(theirs)
+    for key, value in theirs.items():
+        np.testing.assert_array_equal(ours[key].view(np.uint8), value.view(np.uint8), err_msg=key)
+    assert _hf_config(tmp_path / "back") == _hf_config(tiny_dir)
+    capsys.readouterr()
+    assert _convert("--from", "orbax", "--to", "hf", tmp_path / "orbax", tmp_path / "back") == 1  # no --overwrite
+    err = capsys.readouterr().err
+    assert err.startswith("convert: error: ") and "--overwrite" in err and err.count("\n") == 1
+
+
+def test_convert_to_hf_merges_a_peft_adapter(tiny_torch, tiny_dir, tmp_path, capsys):
+    import peft
+    from transformers import Idefics2ForConditionalGeneration
+
+    base = copy.deepcopy(tiny_torch)
+    tuned = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=idefics2_jax.lora
+                                                      .DEFAULT_TARGET_MODULES, modules_to_save=["connector"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g) / np.sqrt(p.shape[1]))
+            elif "modules_to_save" in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    tuned.eval().save_pretrained(tmp_path / "adapter")
+    assert _convert("--from", "hf", "--to", "hf", tiny_dir, tmp_path / "merged", "--adapter", tmp_path / "adapter") == 0
+    merged, info = Idefics2ForConditionalGeneration.from_pretrained(tmp_path / "merged", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    rng = np.random.default_rng(0)
+    ids, mask = R.left_pad([R.image_prompt(rng, 1, 8, 6)])
+    pv, pm = R.make_pixels(rng, [[(40, 52)]])
+    inputs = {k: torch.from_numpy(v) for k, v in dict(input_ids=ids, attention_mask=mask, pixel_values=pv,
+                                                      pixel_attention_mask=pm).items()}
+    with torch.no_grad():
+        want = tuned(**inputs).logits.numpy()
+        got = merged.eval()(**inputs).logits.numpy()
+        plain = Idefics2ForConditionalGeneration.from_pretrained(tiny_dir).eval()(**inputs).logits.numpy()
+    assert np.abs(got - want).max() <= 1e-4 < np.abs(plain - want).max()
+    bad = tmp_path / "bad_adapter"
+    peft.get_peft_model(copy.deepcopy(tiny_torch), peft.LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(bad)
+    config = json.load(open(bad / "adapter_config.json"))
+    config["r"] = 8  # the stored factors are rank 4: shapes differ
+    json.dump(config, open(bad / "adapter_config.json", "w"))
+    capsys.readouterr()
+    assert _convert("--from", "hf", "--to", "hf", tiny_dir, tmp_path / "x", "--adapter", bad) == 1
+    assert _convert("--from", "hf", "--to", "hf", tiny_dir, os.path.join(tiny_dir, "inside")) == 1
+    assert _convert("--from", "hf", "--to", "orbax", tiny_dir, tmp_path / "y", "--adapter", tmp_path / "adapter") == 1
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 3 and all(e.startswith("convert: error: ") for e in errors), errors
+    assert "inside" in errors[1] and "--to hf" in errors[2]
+    assert not any(os.path.exists(p) for p in (tmp_path / "x", tmp_path / "y", os.path.join(tiny_dir, "inside")))
