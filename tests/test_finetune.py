@@ -112,6 +112,36 @@ def test_finetune_command_overfits_and_the_adapter_loads_in_peft(setup, loaded, 
     assert np.abs(base[valid] - ours[valid]).max() > 0.1  # the adapter changed the model
 
 
+def test_full_finetune_writes_an_hf_checkpoint_transformers_loads(setup, loaded):
+    import torch
+    from transformers import Idefics2ForConditionalGeneration
+
+    import idefics2_jax
+    from idefics2_jax.__main__ import main
+    from idefics2_jax.finetune import collate
+
+    out = str(setup["root"] / "full")
+    assert main(["finetune", "--model", setup["model"], "--data", setup["data"], "--output", out, "--steps", "4",
+                 "--batch-size", "2", "--lr", "1e-3", "--full", "--remat", "--quiet"]) == 0
+    log = json.load(open(os.path.join(out, "trainer_state.json"), encoding="utf-8"))["log_history"]
+    assert log[-1]["loss"] < log[0]["loss"]
+    model, params, processor, examples = loaded
+    batch = collate(processor, examples[:2])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")}
+    tuned, tuned_params = idefics2_jax.load_model(os.path.join(out, "model"))
+    ours = np.asarray(tuned.apply({"params": tuned_params}, **inputs).logits)
+    reference, info = Idefics2ForConditionalGeneration.from_pretrained(os.path.join(out, "model"),
+                                                                      output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        want = reference.eval()(**{k: torch.from_numpy(v) for k, v in inputs.items()}).logits.numpy()
+    valid = batch["attention_mask"].astype(bool)
+    assert np.abs(want[valid] - ours[valid]).max() <= 1e-4
+    base = np.asarray(model.apply({"params": params}, **inputs).logits)
+    assert np.abs(base[valid] - ours[valid]).max() > 0.1
+    assert os.path.isfile(os.path.join(out, "model", "tokenizer.json"))  # the processor travels with it
+
+
 def _trainer(loaded, **overrides):
     import idefics2_jax
     from idefics2_jax.finetune.train import Trainer, TrainConfig
