@@ -3,8 +3,9 @@
     python benchmarks/memory_table.py                       # idefics2-8b, 1/2/4/8/16 devices, markdown to stdout
     python benchmarks/memory_table.py --devices 8 32 --mesh 2,2,8 --rules vision_tp
 
-Each mesh is an `AbstractMesh`, so any device count works on a laptop. Weights: bf16 (2 bytes) and "int8-sized"
-(1 byte per parameter, quantisation scales not counted). KV cache: one sequence at the full sliding window (the
+Each mesh is an `AbstractMesh`, so any device count works on a laptop. Weights: bf16 (2 bytes), and the
+`load_model(quantize=...)` schemes: the decoder and connector kernels in int8 (1 byte, a bf16 scale per output
+channel) or int4 (half a byte, a bf16 scale per 128 input rows and output channel), everything else bf16. KV cache: one sequence at the full sliding window (the
 ring-buffer cache never grows past it) in bf16, on each device that holds part of it: a batch of data x fsdp
 sequences puts one sequence on each device group, whose KV heads are split over "model" when they divide it.
 """
@@ -27,6 +28,7 @@ from idefics2_jax.ckpt.shapes import param_shapes  # noqa: E402
 from idefics2_jax.config import Idefics2Config  # noqa: E402
 from idefics2_jax.nn import partitioning as S  # noqa: E402
 from idefics2_jax.nn import text  # noqa: E402
+from idefics2_jax.quant import DEFAULT_GROUP, quantizable  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data",
                               "idefics2-8b.config.json")
@@ -38,14 +40,22 @@ def abstract_mesh(data: int, fsdp: int, model: int) -> AbstractMesh:
     return AbstractMesh((data, fsdp, model), S.MESH_AXES)
 
 
-def weight_elements_per_device(config, mesh, rules, shapes) -> tuple[int, int]:
-    """(elements on each device, of which vision tower); shards are even, so every device holds the same."""
-    total = vision = 0
+def weight_bytes_per_device(config, mesh, rules, shapes) -> dict:
+    """Bytes on each device for bf16 / int8 / int4 weights, and of the vision tower (bf16); shards are even, so
+    every device holds the same. A quantized kernel's scales are split like its output channels."""
+    out = {"bf16": 0, "int8": 0, "int4": 0, "vision": 0}
     for path, spec in param_specs(config, mesh, rules, shapes).items():
-        n = math.prod(S.shard_shape(shapes[path], spec, mesh))
-        total += n
-        vision += n if path[0] == "vision_model" else 0
-    return total, vision
+        local = S.shard_shape(shapes[path], spec, mesh)
+        n = math.prod(local)
+        out["bf16"] += 2 * n
+        out["vision"] += 2 * n if path[0] == "vision_model" else 0
+        if quantizable(path):
+            out["int8"] += n + 2 * local[1]
+            out["int4"] += n / 2 + 2 * local[1] * math.ceil(shapes[path][0] / DEFAULT_GROUP)
+        else:
+            out["int8"] += 2 * n
+            out["int4"] += 2 * n
+    return out
 
 
 def kv_bytes_per_sequence(config, mesh, rules, window: int) -> int:
@@ -82,16 +92,17 @@ def table(config, devices: list[int], extra_meshes: list[tuple], rules_name: str
         f"Weights: {n_params / 1e9:.2f} B parameters; rules: `{rules_name}`; KV cache: one sequence of "
         f"{window} tokens (the sliding window) in bf16.",
         "",
-        "| devices | mesh (data × fsdp × model) | bf16 weights / device | int8-sized weights / device "
-        "| of which vision tower (bf16) | KV cache / sequence / device (bf16) |",
-        "|---:|:---|---:|---:|---:|---:|",
+        "| devices | mesh (data × fsdp × model) | bf16 weights / device | int8 weights / device "
+        "| int4 weights / device | of which vision tower (bf16) | KV cache / sequence / device (bf16) |",
+        "|---:|:---|---:|---:|---:|---:|---:|",
     ]
     for data, fsdp, model in meshes_for(devices, extra_meshes):
         mesh = abstract_mesh(data, fsdp, model)
-        elems, vision = weight_elements_per_device(config, mesh, rules, shapes)
+        b = weight_bytes_per_device(config, mesh, rules, shapes)
         kv = kv_bytes_per_sequence(config, mesh, rules, window)
-        lines.append(f"| {data * fsdp * model} | {data} × {fsdp} × {model} | {2 * elems / GIB:.2f} GiB "
-                     f"| {elems / GIB:.2f} GiB | {2 * vision / GIB:.2f} GiB | {kv / 2**20:.0f} MiB |")
+        lines.append(f"| {data * fsdp * model} | {data} × {fsdp} × {model} | {b['bf16'] / GIB:.2f} GiB "
+                     f"| {b['int8'] / GIB:.2f} GiB | {b['int4'] / GIB:.2f} GiB | {b['vision'] / GIB:.2f} GiB "
+                     f"| {kv / 2**20:.0f} MiB |")
     return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from . import quant
 from .ckpt.dtypes import resolve_dtype
 from .ckpt.hf import load_hf_params, save_hf_checkpoint
 from .ckpt.orbax import is_orbax_dir, restore_params
@@ -18,7 +19,8 @@ from .processing import Idefics2Processor
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
-def load_model(path, dtype=None, mesh=None, *, attention_impl: str | None = None, rules=None, adapter=None):
+def load_model(path, dtype=None, mesh=None, *, attention_impl: str | None = None, rules=None, adapter=None,
+               quantize: str | None = None):
     """Load Idefics2 weights.
 
     path: an HF checkpoint directory (config.json + model.safetensors or shards with an index), or a directory
@@ -27,10 +29,14 @@ def load_model(path, dtype=None, mesh=None, *, attention_impl: str | None = None
     mesh: a `jax.sharding.Mesh` to place each parameter directly in its sharding (see `idefics2_jax.nn.partitioning`).
     rules: the logical-axis rules table for `mesh` (default `nn.partitioning.DEFAULT_RULES`).
     adapter: a PEFT LoRA adapter directory, merged into the params (`lora.merge`: W + scale * A B in float32).
+    quantize: None, "int8" or "int4" / "int4:GROUP": weight-only quantization of the decoder and connector kernels
+        (`idefics2_jax.quant`; after any adapter is merged). Vision tower, embeddings and lm_head stay in `dtype`.
     Returns (model, params) for `model.apply({"params": params}, ...)`; `model.generation_config` holds the
     checkpoint's generation_config.json, which `generate` uses by default.
     """
     path = os.fspath(path)
+    if quantize is not None:
+        quant.parse_scheme(quantize)  # a bad scheme fails before anything is read
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a directory")
     config = Idefics2Config.from_pretrained(path)
@@ -46,6 +52,8 @@ def load_model(path, dtype=None, mesh=None, *, attention_impl: str | None = None
         adapters, lora_config = lora.load(adapter)
         lora.check_against(adapters, params)
         params = lora.merge(params, adapters, lora_config)
+    if quantize is not None:
+        params = quant.quantize_params(params, quantize)
     generation_config = GenerationConfig.from_pretrained(path)  # generation_config.json, else config.json's ids
     model = Idefics2ForConditionalGeneration(config, dtype=dtype, attention_impl=attention_impl,
                                              generation_config=generation_config)

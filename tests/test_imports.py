@@ -19,6 +19,7 @@ LAYERS = {
     "idefics2_jax.ckpt": 2,
     "idefics2_jax.generation": 3,
     "idefics2_jax.finetune": 3,
+    "idefics2_jax.quant": 3,
     "idefics2_jax.finetune.command": 5,  # the `finetune` command: CLI level (loads and saves checkpoints)
     "idefics2_jax.loading": 4,
     "idefics2_jax.__main__": 5,

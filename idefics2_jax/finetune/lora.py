@@ -123,7 +123,7 @@ def init(model, params, lora_config: LoraConfig, rng) -> dict:
     scaling = LoraScaling(lora_config.scale, lora_config.lora_dropout)
     keys = jax.random.split(rng, max(1, 2 * len(lora_layers)))
     for n, entry in enumerate(lora_layers):
-        d_in, d_out = _get(params, entry.path).shape
+        d_in, d_out = _kernel_shape(params, entry.path)
         r = lora_config.r
         if lora_config.init_lora_weights == "gaussian":
             a = jax.random.normal(keys[2 * n], (d_in, r), jnp.float32) / r
@@ -146,7 +146,11 @@ def merge(params, adapters, lora_config: LoraConfig):
 
     def walk(node, path):
         if "lora_A" in node:
-            w = _get(out, path + ("kernel",))
+            try:
+                w = _get(out, path + ("kernel",))
+            except KeyError:
+                raise ValueError(f"{'/'.join(path)} is quantized: merge the adapter into the float weights, then "
+                                 "quantize (load_model(path, adapter=..., quantize=...) does that)") from None
             merged = (jnp.asarray(w, jnp.float32)
                       + node["scaling"].scale * (jnp.asarray(node["lora_A"], jnp.float32)
                                                  @ jnp.asarray(node["lora_B"], jnp.float32)))
@@ -222,14 +226,25 @@ def load(directory):
     return adapters, lora_config
 
 
+def _kernel_shape(params, path: tuple) -> tuple:
+    """A Dense kernel's [in, out] shape, float or quantized (`kernel_q`: QLoRA on a quantized base)."""
+    try:
+        return tuple(_get(params, path).shape)
+    except KeyError:
+        return tuple(_get(params, path[:-1] + ("kernel_q",)).shape)
+
+
 def check_against(adapters, params) -> None:
     """Raise if an adapter does not fit `params` (a layer it lacks, a wrong shape)."""
     def walk(node, path):
         if "lora_A" in node:
-            w = _get(params, path + ("kernel",))
-            if node["lora_A"].shape[0] != w.shape[0] or node["lora_B"].shape[1] != w.shape[1]:
+            try:
+                shape = _kernel_shape(params, path + ("kernel",))
+            except (KeyError, TypeError):
+                raise ValueError(f"adapter has {'/'.join(path)}, which the model has not") from None
+            if node["lora_A"].shape[0] != shape[0] or node["lora_B"].shape[1] != shape[1]:
                 raise ValueError(f"adapter for {'/'.join(path)}: A {node['lora_A'].shape} B {node['lora_B'].shape} "
-                                 f"do not fit the kernel {w.shape}")
+                                 f"do not fit the kernel {shape}")
             return
         for k, v in node.items():
             try:

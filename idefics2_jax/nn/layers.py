@@ -46,6 +46,19 @@ def trainable_param(module: nn.Module, name: str, init, shape, dtype):
     return value
 
 
+def quantized_matmul(x, q, scale, dtype):
+    """x [..., in] times a quantized kernel: int8 q [in, out] with scale [out] -> (x q) * scale; int4 q [in, out]
+    with scale [groups, out] -> the sum over groups of (x_g q_g) * s_g. The integer kernel is cast inside the
+    product (never stored in full precision)."""
+    if scale.ndim == 1:
+        return jax.lax.dot_general(x, q.astype(dtype), (((x.ndim - 1,), (0,)), ((), ()))) * scale.astype(dtype)
+    groups = scale.shape[0]
+    xg = x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
+    qg = q.reshape(groups, q.shape[0] // groups, q.shape[1]).astype(dtype)
+    y = jnp.einsum("...gi,gio->...go", xg, qg)
+    return jnp.einsum("...go,go->...o", y, scale.astype(dtype))
+
+
 class Dense(nn.Module):
     """A Linear layer: kernel [in, out] (HF stores [out, in]), computed as flax's `nn.Dense`.
 
@@ -59,12 +72,17 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kernel = trainable_param(self, "kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features),
-                                 self.dtype)
         bias = trainable_param(self, "bias", nn.initializers.zeros, (self.features,), self.dtype) \
             if self.use_bias else None
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        if self.has_variable("params", "kernel_q"):  # weight-only quantized (idefics2_jax.quant)
+            x, bias = nn.dtypes.promote_dtype(x, bias, dtype=self.dtype)
+            y = quantized_matmul(x, self.get_variable("params", "kernel_q"),
+                                 self.get_variable("params", "kernel_scale"), self.dtype)
+        else:
+            kernel = trainable_param(self, "kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features),
+                                     self.dtype)
+            x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+            y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
         if bias is not None:
             y = y + bias
         if self.has_variable("lora", "lora_A"):

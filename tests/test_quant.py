@@ -1,0 +1,99 @@
+"""Weight-only int8 / int4 quantization of the decoder and connector (issue 17, in part).
+
+The reference is a plain round-to-nearest quantizer of the same schemes written here with numpy, independently of
+`idefics2_jax.quant`: our quantized forward must be the forward of the dequantized weights, and its error against
+the float model no larger than that reference quantizer's.
+"""
+
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+import idefics2_jax
+from idefics2_jax import quant
+
+import reference as R
+
+
+def _rtn(w, bits, group):
+    """Round-to-nearest, symmetric: per output channel (int8) or per `group` input rows (int4); dequantized."""
+    w = np.asarray(w, np.float64)
+    if bits == 8:
+        s = np.abs(w).max(axis=0) / 127
+        return np.clip(np.round(w / s), -127, 127) * s
+    g = w.reshape(w.shape[0] // group, group, w.shape[1])
+    s = np.abs(g).max(axis=1, keepdims=True) / 7
+    return (np.clip(np.round(g / s), -7, 7) * s).reshape(w.shape)
+
+
+def _is_llm_kernel(path):
+    return path[-1] == "kernel" and (path[0] == "connector" or (path[0] == "text_model" and path[1] != "embed_tokens"))
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    rng = np.random.default_rng(0)
+    ids, mask = R.left_pad([R.image_prompt(rng, 1, 8, 12), R.image_prompt(rng, 2, 8, 6)])
+    pv, pm = R.make_pixels(rng, [[(40, 50)], [(30, 60), (56, 28)]])
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pv, pixel_attention_mask=pm)
+
+
+def _rel_rms(a, b):
+    return float(np.sqrt(np.mean((a - b) ** 2)) / np.sqrt(np.mean(b ** 2)))
+
+
+@pytest.mark.parametrize("scheme,bits,group", [("int8", 8, None), ("int4:16", 4, 16)])
+def test_quantized_forward_matches_round_to_nearest(tiny_jax, inputs, scheme, bits, group):
+    import jax.numpy as jnp
+
+    model, params = tiny_jax
+    q = quant.quantize_params(params, scheme)
+    flat, qflat = flatten_dict(params), flatten_dict(q)
+    llm = [p for p in flat if _is_llm_kernel(p)]
+    assert llm and all(p not in qflat and qflat[p[:-1] + ("kernel_q",)].dtype == (jnp.int8 if bits == 8 else jnp.int4)
+                       for p in llm)
+    assert all(qflat[p] is flat[p] for p in flat if p not in llm)  # vision, embeddings, norms, lm_head untouched
+    rtn = unflatten_dict({p: (_rtn(v, bits, group).astype(np.float32) if p in llm else v) for p, v in flat.items()})
+    logits = lambda p: np.asarray(model.apply({"params": p}, **inputs).logits)  # noqa: E731
+    want, ours, theirs = logits(params), logits(q), logits(rtn)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(want).max())  # the same quantizer
+    assert _rel_rms(ours, want) <= 1.5 * _rel_rms(theirs, want)
+    assert _rel_rms(ours, want) > 0  # something was quantized
+    np.testing.assert_allclose(logits(quant.dequantize_params(q)), ours, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_load_model_quantize_generate_and_qlora(tiny_dir, tiny_jax, inputs):
+    import jax
+
+    model, params = tiny_jax
+    qmodel, q = idefics2_jax.load_model(tiny_dir, quantize="int8")
+    for (pa, a), (pb, b) in zip(sorted(flatten_dict(q).items()), sorted(flatten_dict(quant.quantize_params(
+            params, "int8")).items())):
+        assert pa == pb
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    out = idefics2_jax.generate(qmodel, q, **inputs, max_new_tokens=4)
+    want = idefics2_jax.generate(model, quant.dequantize_params(q), **inputs, max_new_tokens=4)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
+    # QLoRA: float adapters on the frozen quantized base; gradients reach them.
+    lora_config = idefics2_jax.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False)
+    adapters = idefics2_jax.lora.init(qmodel, q, lora_config, jax.random.key(0))
+    labels = np.where(inputs["attention_mask"] == 1, inputs["input_ids"], -100)
+    grads = jax.grad(lambda a: qmodel.apply({"params": q, "lora": a}, **inputs, labels=labels).loss)(adapters)
+    norms = [float(np.abs(np.asarray(g)).max()) for g in jax.tree.leaves(grads)]
+    assert all(np.isfinite(norms)) and min(norms) > 0
+    with pytest.raises(ValueError, match="is quantized: merge the adapter into the float weights"):
+        idefics2_jax.lora.merge(q, adapters, lora_config)
+
+
+def test_bad_schemes_are_clear_errors(tiny_jax, tmp_path):
+    _, params = tiny_jax
+    for scheme, message in {"int3": "unknown quantization scheme 'int3'", "int4:0": "must be positive",
+                            "fp8": "unknown quantization scheme"}.items():
+        with pytest.raises(ValueError, match=message):
+            quant.quantize_params(params, scheme)
+    with pytest.raises(ValueError, match=r"group size 128 does not divide the input size \d+ of \w+/"):
+        quant.quantize_params(params, "int4")
+    with pytest.raises(ValueError, match="already quantized"):
+        quant.quantize_params(quant.quantize_params(params, "int8"), "int8")
+    with pytest.raises(ValueError, match="unknown quantization scheme"):  # before the (missing) directory is read
+        idefics2_jax.load_model(tmp_path / "missing", quantize="int2")
