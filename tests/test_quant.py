@@ -5,6 +5,9 @@ The reference is a plain round-to-nearest quantizer of the same schemes written 
 the float model no larger than that reference quantizer's.
 """
 
+import os
+import sys
+
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
@@ -12,7 +15,8 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 import idefics2_jax
 from idefics2_jax import quant
 
-import reference as R
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import reference as R  # noqa: E402
 
 
 def _rtn(w, bits, group):
@@ -97,3 +101,52 @@ def test_bad_schemes_are_clear_errors(tiny_jax, tmp_path):
         quant.quantize_params(quant.quantize_params(params, "int8"), "int8")
     with pytest.raises(ValueError, match="unknown quantization scheme"):  # before the (missing) directory is read
         idefics2_jax.load_model(tmp_path / "missing", quantize="int2")
+
+
+def _worker(hf_dir, out):
+    """int8 on a (data 2, fsdp 2, model 2) mesh of 8 simulated devices vs one device."""
+    import json
+
+    import jax
+
+    from idefics2_jax.nn.partitioning import make_mesh
+
+    assert len(jax.devices()) == 8
+    rng = np.random.default_rng(0)
+    ids, mask = R.left_pad([R.image_prompt(rng, 1, 8, 12), R.image_prompt(rng, 1, 8, 6)])
+    pv, pm = R.make_pixels(rng, [[(40, 50)], [(30, 60)]])
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pv, pixel_attention_mask=pm)
+    model, one = idefics2_jax.load_model(hf_dir, quantize="int8")
+    want = np.asarray(model.apply({"params": one}, **inputs).logits)
+    mesh = make_mesh(data=2, fsdp=2, model=2)
+    _, sharded = idefics2_jax.load_model(hf_dir, mesh=mesh, quantize="int8")
+    from idefics2_jax.nn.partitioning import use_mesh
+
+    with use_mesh(mesh):
+        got = np.asarray(jax.jit(lambda p: model.apply({"params": p}, **inputs).logits)(sharded))
+    split = {"/".join(k): [int(s) for s in v.addressable_shards[0].data.shape] != list(v.shape)
+             for k, v in flatten_dict(sharded).items() if k[-1] in ("kernel_q", "kernel_scale")}
+    with open(out, "w") as f:
+        json.dump({"diff": float(np.abs(got - want).max()), "max": float(np.abs(want).max()), "split": split}, f)
+
+
+def test_int8_on_eight_simulated_devices_matches_one(tiny_dir, tmp_path):
+    import json
+    import subprocess
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    out = tmp_path / "res.json"
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", tiny_dir, str(out)], capture_output=True,
+                       text=True, env=env, timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr[-4000:]
+    res = json.load(open(out))
+    assert res["diff"] <= 1e-5 * max(1.0, res["max"]), res
+    split = res["split"]
+    layer = "text_model/layers_0/"
+    assert split[layer + "self_attn/q_proj/kernel_q"] and split[layer + "mlp/down_proj/kernel_q"]
+    assert split[layer + "self_attn/q_proj/kernel_scale"]  # scales follow their output channels
+    assert sum(split.values()) >= len(split) // 2, split
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    _worker(sys.argv[2], sys.argv[3])
