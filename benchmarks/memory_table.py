@@ -5,9 +5,10 @@
 
 Each mesh is an `AbstractMesh`, so any device count works on a laptop. Weights: bf16 (2 bytes), and the
 `load_model(quantize=...)` schemes: the decoder and connector kernels in int8 (1 byte, a bf16 scale per output
-channel) or int4 (half a byte, a bf16 scale per 128 input rows and output channel), everything else bf16. KV cache: one sequence at the full sliding window (the
-ring-buffer cache never grows past it) in bf16, on each device that holds part of it: a batch of data x fsdp
-sequences puts one sequence on each device group, whose KV heads are split over "model" when they divide it.
+channel) or int4 (half a byte, a bf16 scale per 128 input rows and output channel), everything else bf16.
+KV cache: one sequence at the full sliding window (the ring-buffer cache never grows past it) in bf16, on each
+device that holds part of it: a batch of data x fsdp sequences puts one sequence on each device group, whose KV
+heads are split over "model" when they divide it.
 """
 
 from __future__ import annotations

@@ -254,6 +254,8 @@ def test_bad_flags_and_data_are_one_line_errors_before_weights_load(setup, tmp_p
         "--mesh must look like data=2,fsdp=4": ["--data", setup["data"], "--steps", "2", "--mesh", "x=2"],
         "--full trains every parameter": ["--data", setup["data"], "--steps", "2", "--full",
                                           "--modules-to-save", "connector"],
+        "does not combine with --full": ["--data", setup["data"], "--steps", "2", "--full", "--quantize", "int8"],
+        "unknown quantization scheme 'int5'": ["--data", setup["data"], "--steps", "2", "--quantize", "int5"],
     }
     for message, extra in cases.items():
         assert main(common + extra) == 2

@@ -23,6 +23,7 @@ from ..config import Idefics2Config
 from ..loading import load_model, save_pretrained
 from ..nn.partitioning import make_mesh
 from ..processing import Idefics2Processor
+from .. import quant
 from . import lora
 from .data import read_jsonl
 from .lora import LoraConfig
@@ -59,6 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="dtype of the frozen weights and the compute (default: the checkpoint's); adapters and "
                         "optimizer state are float32")
+    p.add_argument("--quantize", default=None, metavar="SCHEME",
+                   help="QLoRA: quantize the frozen base (int8, int4, int4:GROUP); LoRA only")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=4 (default: one device)")
     p.add_argument("--image-splitting", choices=["on", "off"], default=None,
                    help="split images into 4 crops + the whole (default: the processor's setting)")
@@ -102,6 +105,10 @@ def run(args) -> dict:
         raise ValueError(f"--model {model_dir!r} is not a directory")
     if args.full and (args.modules_to_save or args.target_modules):
         raise ValueError("--full trains every parameter: --target-modules and --modules-to-save do not apply")
+    if args.quantize is not None:
+        if args.full:
+            raise ValueError("--quantize freezes a quantized base for LoRA (QLoRA); it does not combine with --full")
+        quant.parse_scheme(args.quantize)
     config = TrainConfig(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
                          lr=args.lr, warmup_steps=args.warmup_steps, schedule=args.schedule,
                          weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, seed=args.seed,
@@ -123,7 +130,7 @@ def run(args) -> dict:
         raise ValueError(f"--output {out_dir} is not empty; use a new directory, or --resume to continue a run")
     os.makedirs(out_dir, exist_ok=True)
 
-    model, params = load_model(model_dir, dtype=args.dtype, mesh=mesh)
+    model, params = load_model(model_dir, dtype=args.dtype, mesh=mesh, quantize=args.quantize)
     if args.remat:
         model = model.clone(remat=True)
     if lora_config is not None:
