@@ -8,6 +8,7 @@ checkpoint grows; the target is `1 GiB + 2 x largest tensor`.
     python benchmarks/bench_convert_memory.py                      # 0.5 GB and 2 GB, to float32 and bfloat16
     python benchmarks/bench_convert_memory.py --sizes-gb 0.5 2 --json results.json
     python benchmarks/bench_convert_memory.py --width 8b --sizes-gb 3      # idefics2-8b's 500 MiB tensors
+    python benchmarks/bench_convert_memory.py --dtypes bfloat16 --quantize int8     # quantized while streaming
 
 Needs about 2.5 x the largest size in free space under --workdir; everything is deleted afterwards.
 """
@@ -126,6 +127,8 @@ def main(argv=None) -> int:
                    help="--dtype values to convert to")
     p.add_argument("--workdir", default=None, help="where to write checkpoints (default: a new dir under $TMPDIR)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--quantize", default=None, metavar="SCHEME",
+                   help="pass --quantize SCHEME to the converter (int8, int4, int4:G)")
     p.add_argument("--load", action="store_true",
                    help="also measure the peak RSS of load_model(DST) (CPU: the params themselves live in RAM)")
     args = p.parse_args(argv)
@@ -140,15 +143,17 @@ def main(argv=None) -> int:
             info = write_checkpoint(src, bench_config(layers, args.width))
             for dtype in args.dtypes:
                 dst = os.path.join(workdir, f"dst_{gb:g}gb_{dtype}")
+                quantize = ["--quantize", args.quantize] if args.quantize else []
                 rss, seconds = peak_rss([sys.executable, "-m", "convert", "--from", "hf", src, dst, "--quiet",
-                                         "--dtype", dtype])
+                                         "--dtype", dtype, *quantize])
                 load_rss = None
                 if args.load:
                     load_rss, _ = peak_rss([sys.executable, "-c", _LOAD, dst])
                 target = (1 << 30) + 2 * info["largest_tensor"]
                 rows.append(dict(width=args.width, size_bytes=info["bytes"], tensors=info["tensors"],
                                  shards=info["shards"], text_layers=layers, largest_tensor=info["largest_tensor"],
-                                 dtype=dtype, peak_rss=rss, baseline_rss=base, target=target, seconds=seconds,
+                                 dtype=dtype + (f" + {args.quantize}" if args.quantize else ""), peak_rss=rss,
+                                 baseline_rss=base, target=target, seconds=seconds,
                                  mb_per_s=info["bytes"] / 1e6 / seconds, ok=rss < target,
                                  load_peak_rss=load_rss))
                 shutil.rmtree(dst)

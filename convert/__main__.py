@@ -20,7 +20,7 @@ from idefics2_jax.loading import export_hf
 DESCRIPTION = """\
 Convert an Idefics2 checkpoint between formats.
 
-  python -m convert --from hf SRC DST [--dtype float32|bfloat16|float16] [--overwrite] [--quiet]
+  python -m convert --from hf SRC DST [--dtype float32|bfloat16|float16] [--quantize int8|int4|int4:G] [--overwrite]
   python -m convert --from orbax|hf --to hf SRC DST [--adapter PEFT_DIR] [--dtype ...] [--overwrite]
 
 --from hf: SRC is a local Hugging Face directory (config.json plus model.safetensors, or shards with
@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="format of SRC: 'hf' = Hugging Face safetensors directory, 'orbax' = converted by this tool")
     p.add_argument("--to", dest="target_format", default="orbax", choices=["orbax", "hf"],
                    help="format of DST (default: orbax, the self-contained idefics2-jax directory)")
+    p.add_argument("--quantize", metavar="SCHEME", default=None,
+                   help="with --to orbax: write the decoder and connector kernels as int8 / int4 / int4:GROUP "
+                        "(weight-only; vision, embeddings and lm_head stay in --dtype)")
     p.add_argument("--adapter", metavar="PEFT_DIR", default=None,
                    help="with --to hf: merge this PEFT LoRA adapter into the exported weights")
     p.add_argument("src", metavar="SRC", help="source checkpoint directory")
@@ -135,6 +138,10 @@ def _export(args) -> int:
 
 
 def _run(args) -> int:
+    if args.target_format == "hf" and args.quantize is not None:
+        print("convert: error: --quantize writes a quantized Orbax checkpoint; it does not combine with --to hf",
+              file=sys.stderr)
+        return 1
     if args.target_format == "hf":
         try:
             return _export(args)
@@ -147,7 +154,7 @@ def _run(args) -> int:
         return 1
     progress = None
     try:
-        plan = plan_conversion(args.src, args.dtype)
+        plan = plan_conversion(args.src, args.dtype, args.quantize)
         if not args.quiet:
             print(f"converting {plan.src} ({len(plan.leaves)} tensors, {plan.source_bytes / 1e9:.2f} GB "
                   f"{plan.source_dtype.name}) -> {os.path.abspath(args.dst)} as {plan.dtype.name}",

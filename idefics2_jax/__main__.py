@@ -37,11 +37,12 @@ class CliError(Exception):
 
 
 # ------------------------------------------------------------------------------------------- tiny checkpoint
-def tiny_config_dict() -> dict:
-    """A tiny Idefics2 with the real vocabulary, special tokens, patch size and 70x70 position grid."""
+def tiny_config_dict(vocab_size: int = 32000) -> dict:
+    """A tiny Idefics2 with `vocab_size` ordinary tokens followed by the three Idefics2 special tokens, the real
+    patch size and 70x70 position grid."""
     return {
         "model_type": "idefics2",
-        "image_token_id": 32001,
+        "image_token_id": vocab_size + 1,
         "tie_word_embeddings": False,
         "dtype": "float32",
         "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -49,42 +50,62 @@ def tiny_config_dict() -> dict:
         "perceiver_config": {"hidden_size": 64, "rms_norm_eps": 1e-6, "resampler_n_latents": 64,
                              "resampler_depth": 2, "resampler_n_heads": 4, "resampler_head_dim": 16,
                              "num_key_value_heads": 2},
-        "text_config": {"model_type": "mistral", "vocab_size": 32003, "hidden_size": 64, "intermediate_size": 128,
-                        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-                        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "sliding_window": 256,
-                        "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "rope_theta": 10000.0},
+        "text_config": {"model_type": "mistral", "vocab_size": vocab_size + 3, "hidden_size": 64,
+                        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                        "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 2048,
+                        "rms_norm_eps": 1e-5, "sliding_window": 256, "pad_token_id": 0, "bos_token_id": 1,
+                        "eos_token_id": 2, "rope_theta": 10000.0},
     }
 
 
-_ADDED_TOKENS = {0: "<unk>", 1: "<s>", 2: "</s>", 32000: "<fake_token_around_image>", 32001: "<image>",
-                 32002: "<end_of_utterance>"}
+SPECIAL_TOKENS = ("<fake_token_around_image>", "<image>", "<end_of_utterance>")
+
+# What the demo's tokenizer is trained on: English the demo prompts use, and enough variety for a few hundred
+# merges. Deterministic (one thread, fixed text), so every machine builds the same tokenizer.
+_DEMO_CORPUS = """\
+What do you see in this image? What is in this picture? Describe the photo in one sentence.
+There is a red circle, a blue square and a green triangle on a white background.
+The cat sits on the mat next to a cup of coffee. A rocket is launching into the sky at night.
+How many shapes are there? Is there a yellow square? Which image has more shapes, the first or the second?
+The astronaut floats in space above the earth. A motorcycle is parked on the street in front of the house.
+Colours: red, green, blue, yellow, orange, purple, black, white, grey, brown, pink. Numbers: 0 1 2 3 4 5 6 7 8 9.
+Shapes: circle, square, triangle, rectangle, line, point. Left, right, top, bottom, middle, above, below.
+The quick brown fox jumps over the lazy dog. She sells sea shells by the sea shore.
+I think the answer is yes. No, it is not. The picture shows a person, an animal, a plant and a building.
+"""
 
 
-def _sentencepiece_model() -> str:
-    try:
-        import mistral_common
-    except ImportError:
-        message = ("building the tiny checkpoint needs the Mistral tokenizer.model that ships in the "
-                   "`mistral-common` package; install it (pip install mistral-common) or pass --model DIR")
-        raise CliError(message) from None
-    path = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
-    if not os.path.isfile(path):
-        raise CliError(f"mistral-common is installed but does not ship {path}; pass --model DIR instead")
-    return path
+def train_demo_tokenizer() -> bytes:
+    """A Llama-style SentencePiece BPE model (byte fallback, `<unk>` `<s>` `</s>` as ids 0-2) trained here on a
+    small built-in text: the demo needs no tokenizer download and no test-only package. Returns the model's bytes."""
+    import io
+
+    import sentencepiece as spm
+
+    lines = [line for line in _DEMO_CORPUS.splitlines() if line.strip()] * 4
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=out, model_type="bpe", vocab_size=512, hard_vocab_limit=False,
+        byte_fallback=True, character_coverage=1.0, split_digits=True, add_dummy_prefix=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    return out.getvalue()
 
 
 def build_tiny_random_checkpoint(directory: str, seed: int = 0) -> str:
     """Write an HF-layout Idefics2 checkpoint with random O(1) weights: config.json, model.safetensors,
-    generation_config.json, tokenizer files (Mistral-7B's tokenizer.model from mistral-common) and the
-    preprocessor / processor configs. Needs no torch or transformers."""
-    import shutil
-
+    generation_config.json, a tokenizer.model trained here (`train_demo_tokenizer`) with the three Idefics2 special
+    tokens after its vocabulary, and the preprocessor / processor configs. Needs no torch or transformers."""
     import numpy as np
+    import sentencepiece as spm
     from safetensors.numpy import save_file
 
-    tokenizer_model = _sentencepiece_model()
+    tokenizer_model = train_demo_tokenizer()
+    vocab = spm.SentencePieceProcessor(model_proto=tokenizer_model).get_piece_size()
+    fake, image, end_of_utterance = vocab, vocab + 1, vocab + 2
+    added = {0: "<unk>", 1: "<s>", 2: "</s>", **{vocab + i: t for i, t in enumerate(SPECIAL_TOKENS)}}
     os.makedirs(directory, exist_ok=True)
-    config = Idefics2Config.from_dict(tiny_config_dict())
+    config = Idefics2Config.from_dict(tiny_config_dict(vocab))
     shapes = param_shapes(config)
     rng = np.random.default_rng(seed)
     tensors = {}
@@ -98,19 +119,20 @@ def build_tiny_random_checkpoint(directory: str, seed: int = 0) -> str:
             x = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
         tensors[key] = np.ascontiguousarray(x, np.float32)
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-    shutil.copyfile(tokenizer_model, os.path.join(directory, "tokenizer.model"))
+    with open(os.path.join(directory, "tokenizer.model"), "wb") as f:
+        f.write(tokenizer_model)
     files = {
         "config.json": config.to_dict(),
-        "generation_config.json": {"bos_token_id": 1, "eos_token_id": [2, 32002], "pad_token_id": 0,
-                                   "bad_words_ids": [[32000], [32001]]},
+        "generation_config.json": {"bos_token_id": 1, "eos_token_id": [2, end_of_utterance], "pad_token_id": 0,
+                                   "bad_words_ids": [[fake], [image]]},
         "tokenizer_config.json": {
             "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False,
             "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>",
             "padding_side": "left", "clean_up_tokenization_spaces": False,
-            "additional_special_tokens": ["<fake_token_around_image>", "<image>", "<end_of_utterance>"],
+            "additional_special_tokens": list(SPECIAL_TOKENS),
             "added_tokens_decoder": {str(i): {"content": c, "lstrip": False, "normalized": False, "rstrip": False,
                                               "single_word": False, "special": True}
-                                     for i, c in _ADDED_TOKENS.items()},
+                                     for i, c in added.items()},
         },
         # The hub's image processor settings at a smaller size (the demo's vision tower runs on a CPU in seconds).
         "preprocessor_config.json": {
@@ -302,7 +324,8 @@ def run_bench(args) -> int:
     model, params = load_model(model_dir, dtype=args.dtype)
     rng = np.random.default_rng(0)
     ids = np.concatenate([np.ones((args.batch, 1), np.int64),
-                          rng.integers(3, 32000, (args.batch, args.prompt_len - 1))], axis=1)
+                          rng.integers(3, min(32000, model.config.image_token_id - 1),
+                                       (args.batch, args.prompt_len - 1))], axis=1)
     modes = [("no streamer", None, None), ("streamer, adaptive chunks", _NullStreamer, None),
              ("streamer, 1 token per call", _NullStreamer, 1)]
 

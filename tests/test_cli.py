@@ -21,10 +21,10 @@ def run_cli(*args, env_extra=None):
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
-    """Built in a subprocess that asserts torch and transformers were never imported."""
+    """Built in a subprocess that asserts torch, transformers and mistral-common (test-only) were never imported."""
     d = str(tmp_path_factory.mktemp("demo") / "tiny")
     code = ("import sys; from idefics2_jax.__main__ import main; rc = main(['demo', '--dir', sys.argv[1], "
-            "'--build-only']); bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+            "'--build-only']); bad = [m for m in ('torch', 'transformers', 'mistral_common') if m in sys.modules]; "
             "assert not bad, bad; sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code, d], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -103,6 +103,42 @@ def test_bad_schemes_are_clear_errors(tiny_jax, tmp_path):
         idefics2_jax.load_model(tmp_path / "missing", quantize="int2")
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4:16"])
+def test_convert_quantize_writes_what_load_model_reads_as_is(tiny_dir, tiny_jax, tmp_path, scheme):
+    from convert.__main__ import main
+
+    from idefics2_jax.ckpt.orbax import read_manifest
+
+    dst = tmp_path / "q"
+    assert main(["--from", "hf", tiny_dir, str(dst), "--quantize", scheme, "--quiet"]) == 0
+    assert read_manifest(dst)["quantize"] == scheme
+    model, got = idefics2_jax.load_model(dst)
+    want = quant.quantize_params(tiny_jax[1], scheme)
+    got, want = flatten_dict(got), flatten_dict(want)
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
+        np.testing.assert_array_equal(np.asarray(got[key]).astype(np.float32), np.asarray(value).astype(np.float32),
+                                      err_msg="/".join(key))
+    with pytest.raises(ValueError, match="already quantized"):
+        idefics2_jax.load_model(dst, quantize="int8")
+
+
+def test_convert_quantize_bad_input_writes_nothing(tiny_dir, tmp_path, capsys):
+    from convert.__main__ import main
+
+    cases = {("--quantize", "int4"): r"group size 128 does not divide the input size \d+ of \w+/",
+             ("--quantize", "int3"): "unknown quantization scheme 'int3'",
+             ("--quantize", "int8", "--to", "hf"): "does not combine with --to hf"}
+    for extra, message in cases.items():
+        capsys.readouterr()
+        assert main(["--from", "hf", tiny_dir, str(tmp_path / "q"), *extra, "--quiet"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("convert: error: ") and err.count("\n") == 1
+        assert __import__("re").search(message, err), err
+    assert not os.listdir(tmp_path)
+
+
 def _worker(hf_dir, out):
     """int8 on a (data 2, fsdp 2, model 2) mesh of 8 simulated devices vs one device."""
     import json
@@ -126,8 +162,20 @@ def _worker(hf_dir, out):
         got = np.asarray(jax.jit(lambda p: model.apply({"params": p}, **inputs).logits)(sharded))
     split = {"/".join(k): [int(s) for s in v.addressable_shards[0].data.shape] != list(v.shape)
              for k, v in flatten_dict(sharded).items() if k[-1] in ("kernel_q", "kernel_scale")}
+    # A checkpoint written quantized (`convert --quantize`), restored straight into the shardings.
+    from idefics2_jax.ckpt.convert import convert_hf_to_orbax
+
+    converted = os.path.join(os.path.dirname(out), "int8")
+    convert_hf_to_orbax(hf_dir, converted, quantize="int8")
+    _, restored = idefics2_jax.load_model(converted, mesh=mesh)
+    with use_mesh(mesh):
+        again = np.asarray(jax.jit(lambda p: model.apply({"params": p}, **inputs).logits)(restored))
+    same_split = all([int(s) for s in restored_leaf.addressable_shards[0].data.shape] ==
+                     [int(s) for s in flatten_dict(sharded)[k].addressable_shards[0].data.shape]
+                     for k, restored_leaf in flatten_dict(restored).items())
     with open(out, "w") as f:
-        json.dump({"diff": float(np.abs(got - want).max()), "max": float(np.abs(want).max()), "split": split}, f)
+        json.dump({"diff": float(np.abs(got - want).max()), "max": float(np.abs(want).max()), "split": split,
+                   "restored_diff": float(np.abs(again - want).max()), "same_split": same_split}, f)
 
 
 def test_int8_on_eight_simulated_devices_matches_one(tiny_dir, tmp_path):
@@ -146,6 +194,7 @@ def test_int8_on_eight_simulated_devices_matches_one(tiny_dir, tmp_path):
     assert split[layer + "self_attn/q_proj/kernel_q"] and split[layer + "mlp/down_proj/kernel_q"]
     assert split[layer + "self_attn/q_proj/kernel_scale"]  # scales follow their output channels
     assert sum(split.values()) >= len(split) // 2, split
+    assert res["restored_diff"] <= 1e-5 * max(1.0, res["max"]) and res["same_split"], res
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:

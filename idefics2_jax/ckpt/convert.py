@@ -32,6 +32,7 @@ from .orbax import CHUNK_BYTES, PARAMS_DIR, LazyLeaf, save_params_streaming, wri
 from .safetensors import SafetensorsReader
 from .table import flax_shape, hf_leading_axis, to_flax
 from ..config import Idefics2Config
+from ..nn.quantization import check_group, parse_scheme, quantizable, quantize_kernel, scale_shape
 
 # Everything besides the weights that `load_model` and `Idefics2Processor.from_pretrained` read.
 SIDE_FILES = (
@@ -63,6 +64,7 @@ class Plan:
     dtype: np.dtype  # what the params are written as
     source_dtype: np.dtype
     leaves: dict  # {param path tuple: LazyLeaf}
+    quantize: str | None = None  # the weight-only scheme the decoder and connector kernels are written in
 
     @property
     def source_bytes(self) -> int:
@@ -98,9 +100,17 @@ def _gb(n: int) -> str:
 
 
 # -------------------------------------------------------------------------------------------------------- plan
-def plan_conversion(src: str, dtype=None) -> Plan:
-    """Validate SRC completely and describe each param as a LazyLeaf; raise ConversionError on bad input."""
+def plan_conversion(src: str, dtype=None, quantize: str | None = None) -> Plan:
+    """Validate SRC completely and describe each param as a LazyLeaf; raise ConversionError on bad input.
+
+    quantize: "int8" / "int4" / "int4:G": the decoder and connector kernels become `kernel_q` + `kernel_scale`
+    leaves (`nn.quantization`), each slab of output channels quantized as it is read (int4 values are stored in
+    int8 containers: zarr v2 has no 4-bit type; `load_model` casts them back)."""
     src = os.path.abspath(os.fspath(src))
+    try:
+        bits, group = parse_scheme(quantize) if quantize is not None else (None, None)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
     if not os.path.isdir(src):
         raise ConversionError(f"{src}: not a directory")
     try:
@@ -118,11 +128,42 @@ def plan_conversion(src: str, dtype=None) -> Plan:
         info = reader.tensors[key]
         if info.dtype not in _FLOAT_DTYPES:
             raise ConversionError(f"{info.file}: tensor {key!r} has dtype {info.dtype}, expected a float type")
-        leaves[entry.path] = LazyLeaf(
-            shape=flax_shape(info.shape, entry.transform), dtype=target,
-            load=_loader(reader, key, entry.transform, target), axis=hf_leading_axis(entry.transform), name=key,
-            order=reader.files.index(info.file) * (1 << 48) + info.begin, source_nbytes=info.nbytes)
-    return Plan(src, config, reader, target, source_dtype, leaves)
+        shape, axis = flax_shape(info.shape, entry.transform), hf_leading_axis(entry.transform)
+        order = reader.files.index(info.file) * (1 << 48) + info.begin
+        if bits is not None and quantizable(entry.path):
+            try:
+                check_group(shape, group, "/".join(entry.path))
+            except ValueError as e:
+                raise ConversionError(str(e)) from None
+            leaves.update(_quantized_leaves(reader, key, entry, shape, axis, order, info.nbytes, bits, group, target))
+            continue
+        leaves[entry.path] = LazyLeaf(shape=shape, dtype=target, load=_loader(reader, key, entry.transform, target),
+                                      axis=axis, name=key, order=order, source_nbytes=info.nbytes)
+    return Plan(src, config, reader, target, source_dtype, leaves, quantize)
+
+
+def _quantized_leaves(reader, key, entry, shape, axis, order, nbytes, bits, group, scale_dtype) -> dict:
+    """kernel_q ([in, out] int8) and kernel_scale leaves of one Linear kernel, both sliced along the output
+    channels (the HF rows: contiguous in the file); a slab of channels is quantized on its own."""
+    if axis != 1:
+        raise ConversionError(f"{key}: a quantized kernel must be an [out, in] Linear weight")
+    load_float = _loader(reader, key, entry.transform, np.dtype(np.float32))
+
+    def part(name, dtype):
+        def load(start: int, stop: int) -> np.ndarray:
+            q = quantize_kernel(load_float(start, stop), bits, group, scale_dtype, key)[name]
+            return np.ascontiguousarray(np.asarray(q).astype(dtype))
+        return load
+
+    base = entry.path[:-1]
+    scale = scale_shape(shape, bits, group)
+    return {
+        base + ("kernel_q",): LazyLeaf(shape=shape, dtype=np.dtype(np.int8), load=part("kernel_q", np.int8), axis=1,
+                                       name=key, order=order, source_nbytes=nbytes),
+        base + ("kernel_scale",): LazyLeaf(shape=scale, dtype=scale_dtype, load=part("kernel_scale", scale_dtype),
+                                           axis=len(scale) - 1, name=f"{key} (scales)", order=order,
+                                           source_nbytes=0),
+    }
 
 
 def _loader(reader: SafetensorsReader, key: str, transform: str, dtype: np.dtype) -> Callable[[int, int], np.ndarray]:
@@ -146,7 +187,7 @@ def _one_line(e) -> str:
 # ------------------------------------------------------------------------------------------------------- write
 def convert_hf_to_orbax(src, dst, *, dtype=None, overwrite: bool = False, on_leaf=None,
                         cancel: threading.Event | None = None, plan: Plan | None = None,
-                        chunk_bytes: int = CHUNK_BYTES) -> Summary:
+                        chunk_bytes: int = CHUNK_BYTES, quantize: str | None = None) -> Summary:
     """Convert HF checkpoint directory `src` into a converted directory `dst` (see the module docstring).
 
     dtype: "float32" / "bfloat16" / "float16" (None keeps the source's). on_leaf(leaf) reports progress from
@@ -156,7 +197,7 @@ def convert_hf_to_orbax(src, dst, *, dtype=None, overwrite: bool = False, on_lea
     """
     start = time.monotonic()
     dst = os.path.abspath(os.fspath(dst))
-    plan = plan or plan_conversion(src, dtype)
+    plan = plan or plan_conversion(src, dtype, quantize)
     _check_destination(plan.src, dst, overwrite)
     parent, name = os.path.split(dst)
     os.makedirs(parent, exist_ok=True)
@@ -173,6 +214,7 @@ def convert_hf_to_orbax(src, dst, *, dtype=None, overwrite: bool = False, on_lea
             "dtype": plan.dtype.name,
             "num_tensors": len(plan.leaves),
             "num_params": int(sum(int(np.prod(leaf.shape)) for leaf in plan.leaves.values())),
+            **({"quantize": plan.quantize} if plan.quantize else {}),
             "source": {"format": "hf-safetensors", "path": plan.src, "dtype": plan.source_dtype.name,
                        "files": [os.path.basename(f) for f in plan.reader.files]},
         })

@@ -32,6 +32,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from ..config import Idefics2Config
+from ..nn.quantization import parse_scheme, quantizable, scale_shape, scale_sharding
 from .dtypes import resolve_dtype
 from .shapes import abstract_params
 
@@ -241,6 +242,19 @@ def restore_params(path, config: Idefics2Config, dtype=None, shardings: Mapping 
     dtype = resolve_dtype(dtype) or jnp.dtype(manifest["dtype"])
     params_dir = os.path.abspath(os.path.join(path, manifest.get("params", PARAMS_DIR)))
     expected = flatten_dict(abstract_params(config, dtype))
+    quantize = manifest.get("quantize")
+    bits = None
+    if quantize is not None:  # written by `convert --quantize`: kernel_q (int8 on disk) + kernel_scale leaves
+        bits, group = parse_scheme(quantize)
+        shardings = dict(shardings or {})
+        for key in [k for k in expected if quantizable(k)]:
+            want = expected.pop(key)
+            base = key[:-1]
+            expected[base + ("kernel_q",)] = jax.ShapeDtypeStruct(want.shape, jnp.int8)
+            expected[base + ("kernel_scale",)] = jax.ShapeDtypeStruct(scale_shape(want.shape, bits, group), dtype)
+            if key in shardings:
+                shardings[base + ("kernel_q",)] = shardings[key]
+                shardings[base + ("kernel_scale",)] = scale_sharding(shardings[key], 1 if bits == 8 else 2)
     # Bound the bytes read but not yet placed: on an accelerator host this is all the host memory a restore uses
     # (Orbax's default, 96 GB, would let every leaf be in flight at once). It must exceed the largest leaf.
     largest = max(math.prod(v.shape) * max(jnp.dtype(dtype).itemsize, 4) for v in expected.values())
@@ -251,14 +265,17 @@ def restore_params(path, config: Idefics2Config, dtype=None, shardings: Mapping 
         default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = shardings or {}
         restore_args = {
-            k: ocp.ArrayRestoreArgs(sharding=shardings.get(k, default), dtype=dtype, global_shape=tuple(v.shape))
+            k: ocp.ArrayRestoreArgs(sharding=shardings.get(k, default), dtype=v.dtype, global_shape=tuple(v.shape))
             for k, v in expected.items()}
-        item = {k: jax.ShapeDtypeStruct(v.shape, dtype, sharding=restore_args[k].sharding)
+        item = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=restore_args[k].sharding)
                 for k, v in expected.items()}
         params = checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(
             item=unflatten_dict(item), restore_args=unflatten_dict(restore_args)))
     finally:
         checkpointer.close()
+    if bits == 4:  # stored in int8 containers
+        flat = flatten_dict(params)
+        params = unflatten_dict({k: v.astype(jnp.int4) if k[-1] == "kernel_q" else v for k, v in flat.items()})
     return params, dtype
 
 

@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .quantization import quantized_matmul
+
 Dtype = Any
 
 ACTIVATIONS: dict[str, Callable] = {
@@ -44,19 +46,6 @@ def trainable_param(module: nn.Module, name: str, init, shape, dtype):
     if module.has_variable("lora", name):
         value = module.get_variable("lora", name)
     return value
-
-
-def quantized_matmul(x, q, scale, dtype):
-    """x [..., in] times a quantized kernel: int8 q [in, out] with scale [out] -> (x q) * scale; int4 q [in, out]
-    with scale [groups, out] -> the sum over groups of (x_g q_g) * s_g. The integer kernel is cast inside the
-    product (never stored in full precision)."""
-    if scale.ndim == 1:
-        return jax.lax.dot_general(x, q.astype(dtype), (((x.ndim - 1,), (0,)), ((), ()))) * scale.astype(dtype)
-    groups = scale.shape[0]
-    xg = x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
-    qg = q.reshape(groups, q.shape[0] // groups, q.shape[1]).astype(dtype)
-    y = jnp.einsum("...gi,gio->...go", xg, qg)
-    return jnp.einsum("...go,go->...o", y, scale.astype(dtype))
 
 
 class Dense(nn.Module):
