@@ -129,6 +129,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.add_argument("--quantize", default=None, metavar="SCHEME",
                    help="pass --quantize SCHEME to the converter (int8, int4, int4:G)")
+    p.add_argument("--export", action="store_true",
+                   help="also measure `python -m convert --from orbax --to hf` of each converted checkpoint")
     p.add_argument("--load", action="store_true",
                    help="also measure the peak RSS of load_model(DST) (CPU: the params themselves live in RAM)")
     args = p.parse_args(argv)
@@ -146,6 +148,12 @@ def main(argv=None) -> int:
                 quantize = ["--quantize", args.quantize] if args.quantize else []
                 rss, seconds = peak_rss([sys.executable, "-m", "convert", "--from", "hf", src, dst, "--quiet",
                                          "--dtype", dtype, *quantize])
+                export_rss = None
+                if args.export:
+                    back = dst + "_hf"
+                    export_rss, _ = peak_rss([sys.executable, "-m", "convert", "--from", "orbax", "--to", "hf", dst,
+                                              back, "--quiet"])
+                    shutil.rmtree(back)
                 load_rss = None
                 if args.load:
                     load_rss, _ = peak_rss([sys.executable, "-c", _LOAD, dst])
@@ -155,7 +163,7 @@ def main(argv=None) -> int:
                                  dtype=dtype + (f" + {args.quantize}" if args.quantize else ""), peak_rss=rss,
                                  baseline_rss=base, target=target, seconds=seconds,
                                  mb_per_s=info["bytes"] / 1e6 / seconds, ok=rss < target,
-                                 load_peak_rss=load_rss))
+                                 load_peak_rss=load_rss, export_peak_rss=export_rss))
                 shutil.rmtree(dst)
             shutil.rmtree(src)
     finally:
@@ -170,6 +178,11 @@ def main(argv=None) -> int:
               f"| {r['tensors']} | {r['largest_tensor'] / mib:.0f} MiB | {r['dtype']} | {r['peak_rss'] / mib:.0f} MiB "
               f"| {r['target'] / mib:.0f} MiB {'ok' if r['ok'] else 'EXCEEDED'} "
               f"| {r['seconds']:.1f} s ({r['mb_per_s']:.0f} MB/s) |")
+    if args.export:
+        print("\n`--from orbax --to hf` of DST, peak RSS (target: the same 1 GiB + 2x largest):")
+        for r in rows:
+            print(f"  {r['size_bytes'] / 1e9:.2f} GB {r['width']} ({r['dtype']}): {r['export_peak_rss'] / mib:.0f} MiB "
+                  f"({'ok' if r['export_peak_rss'] < r['target'] else 'EXCEEDED'})")
     if args.load:
         print("\nload_model(DST) peak RSS (CPU, so the params themselves are in RAM):")
         for r in rows:

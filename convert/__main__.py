@@ -142,18 +142,14 @@ def _run(args) -> int:
         print("convert: error: --quantize writes a quantized Orbax checkpoint; it does not combine with --to hf",
               file=sys.stderr)
         return 1
-    if args.target_format == "hf":
-        try:
-            return _export(args)
-        except (ValueError, FileExistsError, FileNotFoundError, NotImplementedError) as e:
-            print(f"convert: error: {e}", file=sys.stderr)
-            return 1
-    if args.adapter is not None or args.source_format != "hf":
+    if args.target_format != "hf" and (args.adapter is not None or args.source_format != "hf"):
         print("convert: error: --adapter and --from orbax need --to hf (the Orbax output is made from an HF "
               "source, without merging)", file=sys.stderr)
         return 1
     progress = None
     try:
+        if args.target_format == "hf":
+            return _export(args)
         plan = plan_conversion(args.src, args.dtype, args.quantize)
         if not args.quiet:
             print(f"converting {plan.src} ({len(plan.leaves)} tensors, {plan.source_bytes / 1e9:.2f} GB "
@@ -166,8 +162,8 @@ def _run(args) -> int:
         finally:
             if progress is not None:
                 progress.close()
-    except ConversionError as e:
-        print(f"convert: error: {e}", file=sys.stderr)
+    except (ConversionError, ValueError, FileExistsError, FileNotFoundError, NotImplementedError) as e:
+        print(f"convert: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     except _Interrupted as e:
         print(f"\nconvert: interrupted by {e}; the partial output was removed", file=sys.stderr)

@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+
+from flax.traverse_util import unflatten_dict
 
 from . import quant
 from .ckpt.dtypes import resolve_dtype
 from .ckpt.hf import load_hf_params, save_hf_checkpoint
-from .ckpt.orbax import is_orbax_dir, restore_params
+from .ckpt.convert import plan_conversion
+from .ckpt.orbax import is_orbax_dir, lazy_params, restore_params
 from .ckpt.placement import param_shardings
 from .config import Idefics2Config
 from .finetune import lora
@@ -83,17 +87,29 @@ def export_hf(src, dst, *, adapter=None, dtype=None, max_shard_size="5GB", overw
     optionally with a PEFT LoRA adapter merged in (W + scale * A B in float32, then cast; modules_to_save taken from
     the adapter): a plain Idefics2 checkpoint. The processor and tokenizer files are carried over when SRC has them.
 
-    The params are held in memory once (at their stored dtype) while DST is written; DST is written beside itself
-    and renamed into place, and an existing DST is replaced only with overwrite=True (see `save_pretrained`).
+    Streams: one tensor is read (a safetensors slab, or an Orbax partial restore), merged, cast and written at a
+    time, so memory stays about one tensor whatever the model's size. DST is written beside itself and renamed into
+    place; an existing DST is replaced only with overwrite=True and only if it is a checkpoint.
     """
     src, dst = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
     if dst == src or dst.startswith(src + os.sep):
         raise ValueError(f"DST {dst} is inside SRC {src}: write the export elsewhere")
     if os.path.exists(dst) and not overwrite:
         raise FileExistsError(f"{dst} exists (pass --overwrite / overwrite=True to replace it)")
-    model, params = load_model(src, adapter=adapter)
-    processor = None
-    if any(os.path.isfile(os.path.join(src, name)) for name in _TOKENIZER_FILES):
-        processor = Idefics2Processor.from_pretrained(src)
-    return save_pretrained(dst, model, params, processor, dtype=dtype, max_shard_size=max_shard_size,
-                           overwrite=overwrite)
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"{src}: not a directory")
+    config = Idefics2Config.from_pretrained(src)
+    with contextlib.ExitStack() as stack:
+        if is_orbax_dir(src):
+            leaves = stack.enter_context(lazy_params(src, config))
+        else:
+            leaves = plan_conversion(src).leaves
+        if adapter is not None:
+            adapters, lora_config = lora.load(adapter)
+            lora.check_against(adapters, unflatten_dict(leaves))
+            leaves = lora.merge_lazy(leaves, adapters, lora_config)
+        extra = {"generation_config.json": GenerationConfig.from_pretrained(src).to_dict()}
+        if any(os.path.isfile(os.path.join(src, name)) for name in _TOKENIZER_FILES):
+            extra["processor"] = Idefics2Processor.from_pretrained(src).save_pretrained
+        return save_hf_checkpoint(dst, config, unflatten_dict(leaves), dtype=dtype, max_shard_size=max_shard_size,
+                                  extra_files=extra, overwrite=overwrite)

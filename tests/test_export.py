@@ -148,3 +148,45 @@ def test_convert_to_hf_merges_a_peft_adapter(tiny_torch, tiny_dir, tmp_path, cap
     assert len(errors) == 3 and all(e.startswith("convert: error: ") for e in errors), errors
     assert "inside" in errors[1] and "--to hf" in errors[2]
     assert not any(os.path.exists(p) for p in (tmp_path / "x", tmp_path / "y", os.path.join(tiny_dir, "inside")))
+
+
+_SLOW_EXPORT = """
+import sys, time
+import idefics2_jax.ckpt.safetensors as s
+read = s.SafetensorsReader.read
+def slow_read(self, *args, **kwargs):
+    time.sleep(0.1)
+    return read(self, *args, **kwargs)
+s.SafetensorsReader.read = slow_read
+from convert.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_interrupted_export_leaves_nothing(sig, tiny_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_EXPORT, "--from", "hf", "--to", "hf", tiny_dir,
+                             str(tmp_path / "out")], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # the shard file is being written tensor by tensor
+        tmps = [e for e in os.listdir(tmp_path) if e.startswith(".out.save-tmp-")]
+        if tmps and os.path.exists(tmp_path / tmps[0] / "model.safetensors"):
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        raise AssertionError("the export never started writing")
+    number = getattr(signal, sig)
+    proc.send_signal(number)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + number, err
+    assert "interrupted" in err and "Traceback" not in err, err
+    assert os.listdir(tmp_path) == []

@@ -122,6 +122,9 @@ def test_convert_quantize_writes_what_load_model_reads_as_is(tiny_dir, tiny_jax,
                                       err_msg="/".join(key))
     with pytest.raises(ValueError, match="already quantized"):
         idefics2_jax.load_model(dst, quantize="int8")
+    with pytest.raises(ValueError, match=f"holds {scheme} weights; HF checkpoints of Idefics2 are float"):
+        idefics2_jax.loading.export_hf(dst, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
 
 
 def test_convert_quantize_bad_input_writes_nothing(tiny_dir, tmp_path, capsys):

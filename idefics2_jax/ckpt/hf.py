@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -15,7 +16,8 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from ..config import Idefics2Config
 from .dtypes import checkpoint_dtype, resolve_dtype
-from .safetensors import SafetensorsReader, plan_shards, write_safetensors
+from .orbax import LazyLeaf
+from .safetensors import LazyTensor, SafetensorsReader, plan_shards, write_safetensors
 from .shapes import param_shapes
 from .table import _TO_FLAX, Entry, checkpoint_entries, flax_shape, hf_shape, to_flax, to_hf
 
@@ -132,11 +134,12 @@ def save_hf_checkpoint(directory, config: Idefics2Config, params, *, dtype=None,
             tensors = {}
             for key in keys:
                 e = entries[key]
-                array = np.asarray(jax.device_get(flat[e.path]))
-                tensors[key] = np.ascontiguousarray(to_hf(array if dtype is None else array.astype(dtype),
-                                                          e.transform))
+                value = flat[e.path]
+                out_dtype = np.dtype(dtype or value.dtype)
+                tensors[key] = LazyTensor(out_dtype, hf_shape(expected[e.path], e.transform),
+                                          functools.partial(_hf_tensor, value, e.transform, out_dtype))
                 weight_map[key] = name
-            write_safetensors(os.path.join(tmp, name), tensors, {"format": "pt"})
+            write_safetensors(os.path.join(tmp, name), tensors, {"format": "pt"})  # one tensor in memory at a time
             del tensors
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}
@@ -162,6 +165,15 @@ def save_hf_checkpoint(directory, config: Idefics2Config, params, *, dtype=None,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return sorted(os.listdir(directory))
+
+
+def _hf_tensor(value, transform: str, dtype: np.dtype) -> np.ndarray:
+    """One param (an array, or a `LazyLeaf` that is read now) in HF layout and `dtype`."""
+    if isinstance(value, LazyLeaf):
+        array = value.load(0, value.shape[value.axis]) if value.shape else value.load(0, 1)
+    else:
+        array = np.asarray(jax.device_get(value))
+    return np.ascontiguousarray(to_hf(array if array.dtype == dtype else array.astype(dtype), transform))
 
 
 def _write_json(file: str, content) -> None:

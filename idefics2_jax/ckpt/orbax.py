@@ -18,6 +18,7 @@ the result is an ordinary Orbax PyTree checkpoint (zarr arrays in OCDBT) that `o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -277,6 +278,42 @@ def restore_params(path, config: Idefics2Config, dtype=None, shardings: Mapping 
         flat = flatten_dict(params)
         params = unflatten_dict({k: v.astype(jnp.int4) if k[-1] == "kernel_q" else v for k, v in flat.items()})
     return params, dtype
+
+
+@contextlib.contextmanager
+def lazy_params(path, config: Idefics2Config, dtype=None):
+    """{param path: LazyLeaf} of a converted directory, each read only when it is loaded (an Orbax partial restore
+    of that one array), for writers that hold one tensor at a time (`export_hf`). A context manager: the reader
+    is closed on exit."""
+    import orbax.checkpoint as ocp
+
+    path = os.fspath(path)
+    manifest = read_manifest(path)
+    if manifest.get("quantize"):
+        raise ValueError(f"{path} holds {manifest['quantize']} weights; HF checkpoints of Idefics2 are float: "
+                         "export the float checkpoint it was converted from")
+    dtype = resolve_dtype(dtype) or jnp.dtype(manifest["dtype"])
+    params_dir = os.path.abspath(os.path.join(path, manifest.get("params", PARAMS_DIR)))
+    expected = flatten_dict(abstract_params(config, dtype))
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    try:
+        _check_stored_tree(params_dir, checkpointer.metadata(params_dir), expected)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+        def loader(key, shape):
+            def load(start, stop):
+                item = unflatten_dict({key: jax.ShapeDtypeStruct(shape, dtype, sharding=device)})
+                args = unflatten_dict({key: ocp.ArrayRestoreArgs(sharding=device, dtype=dtype, global_shape=shape)})
+                out = checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(
+                    item=item, restore_args=args, partial_restore=True))
+                array = np.asarray(flatten_dict(out)[key])
+                return np.ascontiguousarray(array[start:stop]) if array.ndim else array
+            return load
+
+        yield {k: LazyLeaf(tuple(v.shape), np.dtype(dtype), loader(k, tuple(v.shape)), 0, "/".join(k))
+               for k, v in expected.items()}
+    finally:
+        checkpointer.close()
 
 
 def _check_stored_tree(params_dir: str, metadata, expected: Mapping[tuple, jax.ShapeDtypeStruct]) -> None:

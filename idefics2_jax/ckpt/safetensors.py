@@ -14,6 +14,7 @@ relative to the end of the header.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 import json
 import math
 import os
@@ -198,8 +199,22 @@ class SafetensorsReader:
 _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
-def write_safetensors(file: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> int:
-    """Write `tensors` (in the given key order) as one safetensors file, a tensor at a time; returns its size.
+@dataclasses.dataclass(frozen=True)
+class LazyTensor:
+    """A tensor to write that is produced only when its bytes are due: `load()` returns it (`dtype`, `shape`)."""
+
+    dtype: np.dtype
+    shape: tuple
+    load: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+def write_safetensors(file: str, tensors: dict, metadata: dict[str, str] | None = None) -> int:
+    """Write `tensors` (in the given key order; arrays or `LazyTensor`s) as one safetensors file, a tensor at a
+    time (a LazyTensor is loaded when its bytes are written, then dropped); returns the file's size.
 
     The layout the safetensors library writes: the header JSON padded with spaces to a multiple of 8 bytes, then
     the data in header order.
@@ -218,8 +233,13 @@ def write_safetensors(file: str, tensors: dict[str, np.ndarray], metadata: dict[
     with open(file, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for array in tensors.values():
+        for key, value in tensors.items():
+            array = value.load() if isinstance(value, LazyTensor) else value
+            if tuple(array.shape) != tuple(header[key]["shape"]) or np.dtype(array.dtype) != np.dtype(value.dtype):
+                raise AssertionError(f"{key}: produced {array.dtype} {array.shape}, announced {value.dtype} "
+                                     f"{tuple(header[key]['shape'])}")
             f.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+            del array
     return 8 + len(raw) + offset
 
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..ckpt.orbax import LazyLeaf
 from ..ckpt.table import LINEAR, WEIGHT_TABLE, checkpoint_entries, entry_for_key, to_flax, to_hf
 from ..config import Idefics2Config
 from ..nn.layers import LoraScaling
@@ -162,6 +163,37 @@ def merge(params, adapters, lora_config: LoraConfig):
             else:
                 w = _get(out, path + (k,))
                 _set(out, path + (k,), jnp.asarray(v).astype(w.dtype))
+
+    walk(adapters, ())
+    return out
+
+
+def merge_lazy(leaves: dict, adapters, lora_config: LoraConfig) -> dict:
+    """`merge` for {param path: LazyLeaf} (a checkpoint read one tensor at a time): each LoRA kernel's slabs get
+    `scale * A B` added in float32 as they are loaded; modules_to_save leaves are the adapter's arrays."""
+    out = dict(leaves)
+
+    def merged(leaf, a, b, scale):
+        def load(start, stop):
+            w = np.asarray(leaf.load(start, stop), np.float32)
+            delta = a[start:stop] @ b if leaf.axis == 0 else a @ b[:, start:stop]
+            return np.ascontiguousarray((w + scale * delta).astype(leaf.dtype))
+        return LazyLeaf(leaf.shape, leaf.dtype, load, leaf.axis, leaf.name, leaf.order, leaf.source_nbytes)
+
+    def walk(node, path):
+        if "lora_A" in node:
+            key = path + ("kernel",)
+            if key not in out:
+                raise ValueError(f"{'/'.join(path)} is quantized or missing: merge into a float checkpoint")
+            out[key] = merged(out[key], np.asarray(node["lora_A"], np.float32), np.asarray(node["lora_B"], np.float32),
+                              node["scaling"].scale)
+            return
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, path + (k,))
+            else:
+                leaf = out[path + (k,)]
+                out[path + (k,)] = LazyLeaf.from_array(np.asarray(v).astype(leaf.dtype), leaf.name)
 
     walk(adapters, ())
     return out
