@@ -78,7 +78,8 @@ class Progress:
     """A tqdm bar on stderr counting tensors, with bytes and throughput (redrawn on a terminal, a line every few
     seconds otherwise). Called from Orbax's writer thread after each tensor is on disk."""
 
-    def __init__(self, total_tensors: int, total_bytes: int, stream=sys.stderr):
+    def __init__(self, total_tensors: int, total_bytes: int, stream=None):
+        stream = stream or sys.stderr  # looked up now: a caller may have redirected sys.stderr since import
         self.total_bytes, self.bytes = total_bytes, 0
         self.lock = threading.Lock()
         self.bar = tqdm(total=total_tensors, file=stream, mininterval=0.2 if stream.isatty() else 5.0,
@@ -131,7 +132,20 @@ def _export(args) -> int:
         raise ValueError(f"{args.src} is not a converted (Orbax) checkpoint; use --from hf for an HF directory")
     if args.source_format == "hf" and is_orbax_dir(args.src):
         raise ValueError(f"{args.src} is a converted (Orbax) checkpoint; use --from orbax")
-    files = export_hf(args.src, args.dst, adapter=args.adapter, dtype=args.dtype, overwrite=args.overwrite)
+    bar = []
+
+    def on_start(n_tensors, total_bytes):
+        if not args.quiet:
+            print(f"exporting {os.path.abspath(args.src)} ({n_tensors} tensors, {total_bytes / 1e9:.2f} GB) -> "
+                  f"{os.path.abspath(args.dst)} (HF safetensors)", file=sys.stderr, flush=True)
+            bar.append(Progress(n_tensors, total_bytes))
+
+    try:
+        files = export_hf(args.src, args.dst, adapter=args.adapter, dtype=args.dtype, overwrite=args.overwrite,
+                          on_start=on_start, on_leaf=lambda leaf: bar and bar[0](leaf))
+    finally:
+        if bar:
+            bar[0].close()
     merged = f", adapter {args.adapter} merged" if args.adapter else ""
     print(f"wrote {os.path.abspath(args.dst)} ({len(files)} files, HF layout{merged})", flush=True)
     return 0

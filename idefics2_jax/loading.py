@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 
 from flax.traverse_util import unflatten_dict
@@ -12,7 +13,7 @@ from . import quant
 from .ckpt.dtypes import resolve_dtype
 from .ckpt.hf import load_hf_params, save_hf_checkpoint
 from .ckpt.convert import plan_conversion
-from .ckpt.orbax import is_orbax_dir, lazy_params, restore_params
+from .ckpt.orbax import LazyLeaf, is_orbax_dir, lazy_params, restore_params
 from .ckpt.placement import param_shardings
 from .config import Idefics2Config
 from .finetune import lora
@@ -82,7 +83,8 @@ def save_pretrained(directory, model, params, processor=None, generation_config=
                               extra_files=extra, overwrite=overwrite)
 
 
-def export_hf(src, dst, *, adapter=None, dtype=None, max_shard_size="5GB", overwrite: bool = False) -> list[str]:
+def export_hf(src, dst, *, adapter=None, dtype=None, max_shard_size="5GB", overwrite: bool = False,
+              on_start=None, on_leaf=None) -> list[str]:
     """SRC (an HF directory or a converted Orbax one) -> an HF checkpoint directory DST that transformers loads,
     optionally with a PEFT LoRA adapter merged in (W + scale * A B in float32, then cast; modules_to_save taken from
     the adapter): a plain Idefics2 checkpoint. The processor and tokenizer files are carried over when SRC has them.
@@ -90,6 +92,8 @@ def export_hf(src, dst, *, adapter=None, dtype=None, max_shard_size="5GB", overw
     Streams: one tensor is read (a safetensors slab, or an Orbax partial restore), merged, cast and written at a
     time, so memory stays about one tensor whatever the model's size. DST is written beside itself and renamed into
     place; an existing DST is replaced only with overwrite=True and only if it is a checkpoint.
+    on_start(n_tensors, total_bytes) is called once the source is planned; on_leaf(leaf) after each tensor is read
+    (progress bars).
     """
     src, dst = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
     if dst == src or dst.startswith(src + os.sep):
@@ -108,8 +112,21 @@ def export_hf(src, dst, *, adapter=None, dtype=None, max_shard_size="5GB", overw
             adapters, lora_config = lora.load(adapter)
             lora.check_against(adapters, unflatten_dict(leaves))
             leaves = lora.merge_lazy(leaves, adapters, lora_config)
+        if on_start is not None:
+            on_start(len(leaves), sum(leaf.nbytes for leaf in leaves.values()))
+        if on_leaf is not None:
+            leaves = {k: _reporting(leaf, on_leaf) for k, leaf in leaves.items()}
         extra = {"generation_config.json": GenerationConfig.from_pretrained(src).to_dict()}
         if any(os.path.isfile(os.path.join(src, name)) for name in _TOKENIZER_FILES):
             extra["processor"] = Idefics2Processor.from_pretrained(src).save_pretrained
         return save_hf_checkpoint(dst, config, unflatten_dict(leaves), dtype=dtype, max_shard_size=max_shard_size,
                                   extra_files=extra, overwrite=overwrite)
+
+
+def _reporting(leaf: LazyLeaf, on_leaf) -> LazyLeaf:
+    def load(start, stop):
+        out = leaf.load(start, stop)
+        on_leaf(leaf)
+        return out
+
+    return dataclasses.replace(leaf, load=load)

@@ -100,3 +100,18 @@ def left_pad(seqs: list[list[int]], pad_id: int = 0):
         ids[i, t - len(s):] = s
         mask[i, t - len(s):] = 1
     return ids, mask
+
+
+# A `python -m convert` child whose safetensors reads are slowed down (0.1 s each), so that a signal sent once it
+# has started writing lands mid-way, deterministically (the interrupt tests of test_convert and test_export).
+SLOW_CONVERT_CHILD = """
+import sys, time
+import idefics2_jax.ckpt.safetensors as s
+read = s.SafetensorsReader.read
+def slow_read(self, *args, **kwargs):
+    time.sleep(0.1)
+    return read(self, *args, **kwargs)
+s.SafetensorsReader.read = slow_read
+from convert.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""

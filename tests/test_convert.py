@@ -292,22 +292,11 @@ def test_python_api_raises_conversion_error(tmp_path):
 # ----------------------------------------------------------------------------------------------- interrupts
 # The child slows each slab read down so that the kill lands mid-way, deterministically: it is sent once the
 # temporary directory holds written data, and the whole conversion would take > 10 s.
-_SLOW_CHILD = """
-import sys, time
-import idefics2_jax.ckpt.safetensors as s
-read = s.SafetensorsReader.read
-def slow_read(self, *args, **kwargs):
-    time.sleep(0.1)
-    return read(self, *args, **kwargs)
-s.SafetensorsReader.read = slow_read
-from convert.__main__ import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 def _start_slow(src, dst):
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_CHILD, "--from", "hf", str(src), str(dst)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", R.SLOW_CONVERT_CHILD, "--from", "hf", str(src), str(dst)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     parent, name = os.path.split(str(dst))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

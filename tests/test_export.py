@@ -101,7 +101,13 @@ def test_convert_to_hf_from_orbax_round_trips_bit_identically(tiny_dir, tmp_path
     for key, value in theirs.items():
         np.testing.assert_array_equal(ours[key].view(np.uint8), value.view(np.uint8), err_msg=key)
     assert _hf_config(tmp_path / "back") == _hf_config(tiny_dir)
+    from convert.__main__ import main
+
     capsys.readouterr()
+    assert main(["--from", "orbax", "--to", "hf", str(tmp_path / "orbax"), str(tmp_path / "back"), "--overwrite"]) == 0
+    err = capsys.readouterr().err
+    n = len(theirs)
+    assert f"exporting {tmp_path / 'orbax'} ({n} tensors" in err and f"[{n}/{n} tensors]" in err  # progress
     assert _convert("--from", "orbax", "--to", "hf", tmp_path / "orbax", tmp_path / "back") == 1  # no --overwrite
     err = capsys.readouterr().err
     assert err.startswith("convert: error: ") and "--overwrite" in err and err.count("\n") == 1
@@ -150,17 +156,6 @@ def test_convert_to_hf_merges_a_peft_adapter(tiny_torch, tiny_dir, tmp_path, cap
     assert not any(os.path.exists(p) for p in (tmp_path / "x", tmp_path / "y", os.path.join(tiny_dir, "inside")))
 
 
-_SLOW_EXPORT = """
-import sys, time
-import idefics2_jax.ckpt.safetensors as s
-read = s.SafetensorsReader.read
-def slow_read(self, *args, **kwargs):
-    time.sleep(0.1)
-    return read(self, *args, **kwargs)
-s.SafetensorsReader.read = slow_read
-from convert.__main__ import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
@@ -171,7 +166,7 @@ def test_interrupted_export_leaves_nothing(sig, tiny_dir, tmp_path):
     import time
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_EXPORT, "--from", "hf", "--to", "hf", tiny_dir,
+    proc = subprocess.Popen([sys.executable, "-c", R.SLOW_CONVERT_CHILD, "--from", "hf", "--to", "hf", tiny_dir,
                              str(tmp_path / "out")], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.monotonic() + 120
