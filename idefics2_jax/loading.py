@@ -12,7 +12,7 @@ from flax.traverse_util import unflatten_dict
 from . import quant
 from .ckpt.dtypes import resolve_dtype
 from .ckpt.hf import load_hf_params, save_hf_checkpoint
-from .ckpt.convert import plan_conversion
+from .ckpt.convert import TOKENIZER_FILES, plan_conversion
 from .ckpt.orbax import LazyLeaf, is_orbax_dir, lazy_params, restore_params
 from .ckpt.placement import param_shardings
 from .config import Idefics2Config
@@ -20,8 +20,6 @@ from .finetune import lora
 from .generation.options import GenerationConfig, resolve_generation_config
 from .nn.model import Idefics2ForConditionalGeneration
 from .processing import Idefics2Processor
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 def load_model(path, dtype=None, mesh=None, *, attention_impl: str | None = None, rules=None, adapter=None,
@@ -117,7 +115,7 @@ def export_hf(src, dst, *, adapter=None, dtype=None, max_shard_size="5GB", overw
         if on_leaf is not None:
             leaves = {k: _reporting(leaf, on_leaf) for k, leaf in leaves.items()}
         extra = {"generation_config.json": GenerationConfig.from_pretrained(src).to_dict()}
-        if any(os.path.isfile(os.path.join(src, name)) for name in _TOKENIZER_FILES):
+        if any(os.path.isfile(os.path.join(src, name)) for name in TOKENIZER_FILES):
             extra["processor"] = Idefics2Processor.from_pretrained(src).save_pretrained
         return save_hf_checkpoint(dst, config, unflatten_dict(leaves), dtype=dtype, max_shard_size=max_shard_size,
                                   extra_files=extra, overwrite=overwrite)

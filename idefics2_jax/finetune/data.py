@@ -18,6 +18,7 @@ import os
 from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image
 
 from ..nn.model import IGNORE_INDEX
 from ..processing.image_processing import load_image_file
@@ -101,6 +102,17 @@ def encode(processor, example: dict, do_image_splitting: bool | None = None, whe
     return ids, labels
 
 
+def _encode_checked(processor, example: dict, split, max_length: int | None, where: str):
+    """`encode`, and the checks every training sample must pass: at most max_length tokens, something labelled."""
+    ids, labels = encode(processor, example, split, where)
+    if max_length is not None and len(ids) > max_length:
+        raise ValueError(f"{where} has {len(ids)} tokens, more than max_length={max_length} (samples are not "
+                         "truncated: shorten it, drop it or raise max_length).")
+    if all(label == IGNORE_INDEX for label in labels):
+        raise ValueError(f"{where}: no token is labelled (empty assistant turns?).")
+    return ids, labels
+
+
 def collate(processor, examples: Sequence[dict], max_length: int | None = None, *,
             do_image_splitting: bool | None = None, pad_to_multiple_of: int | None = None) -> dict:
     """TRL-format examples -> the processor's numpy arrays plus `labels` (right-padded, as for training: every
@@ -114,16 +126,8 @@ def collate(processor, examples: Sequence[dict], max_length: int | None = None, 
     examples = [normalize(e, e.get("_where", f"sample {i}") if isinstance(e, dict) else f"sample {i}")
                 for i, e in enumerate(examples)]
     split = processor.image_processor.do_image_splitting if do_image_splitting is None else bool(do_image_splitting)
-    rows = []
-    for i, example in enumerate(examples):
-        where = example.get("_where", f"sample {i}")
-        ids, labels = encode(processor, example, split, where)
-        if max_length is not None and len(ids) > max_length:
-            raise ValueError(f"{where} has {len(ids)} tokens, more than max_length={max_length} (samples are not "
-                             "truncated: shorten it, drop it or raise max_length).")
-        if all(label == IGNORE_INDEX for label in labels):
-            raise ValueError(f"{where}: no token is labelled (empty assistant turns?).")
-        rows.append((ids, labels))
+    rows = [_encode_checked(processor, e, split, max_length, e.get("_where", f"sample {i}"))
+            for i, e in enumerate(examples)]
     length = max(len(ids) for ids, _ in rows)
     if pad_to_multiple_of:
         length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
@@ -148,7 +152,7 @@ def read_jsonl(path: str | os.PathLike, processor=None, max_length: int | None =
 
     Every problem (a line that is not JSON, no assistant turn, image/marker mismatch, a missing or unreadable image,
     a sample over max_length) is a ValueError naming the line, raised before any training starts. With a
-    processor, each example is also encoded once (its token count is checked and kept as "_length").
+    processor, each example is also encoded once and checked as `collate` checks it (length, something labelled).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -171,10 +175,6 @@ def read_jsonl(path: str | os.PathLike, processor=None, max_length: int | None =
                     raise ValueError(f"{where}: images in a JSONL file must be paths, got {im!r:.60}.")
                 full = im if os.path.isabs(im) else os.path.join(base, im)
                 try:
-                    with open(full, "rb"):
-                        pass
-                    from PIL import Image
-
                     with Image.open(full) as probe:
                         probe.verify()
                 except (OSError, SyntaxError) as e:
@@ -182,10 +182,7 @@ def read_jsonl(path: str | os.PathLike, processor=None, max_length: int | None =
                 images.append(full)
             example = {**example, "images": images, "_where": where}
             if processor is not None:
-                ids, labels = encode(processor, example, where=where)
-                if max_length is not None and len(ids) > max_length:
-                    raise ValueError(f"{where} has {len(ids)} tokens, more than max_length={max_length}.")
-                example["_length"] = len(ids)
+                _encode_checked(processor, example, None, max_length, where)
             examples.append(example)
     if not examples:
         raise ValueError(f"{path} holds no examples.")
